@@ -1,0 +1,113 @@
+"""access.log: one line per request, redacted, rotated across processes.
+
+Rotation is done by concurrent-log-handler, which takes a file lock around
+each write and each rollover, so several gunicorn workers share one file
+without losing or interleaving lines.
+
+Each line has the same fields in the same order. Text that comes from the
+client is written as a JSON string, so a newline or quote in it cannot
+forge a line or a field. Keys and Authorization values are never passed in.
+"""
+
+import json
+import logging
+import re
+import time
+
+from concurrent_log_handler import ConcurrentRotatingFileHandler
+
+logger = logging.getLogger(__name__)
+
+ACCESS_LOGGER_NAME = "proxy.access"
+
+# Strings longer than this that look like base64 (images, audio, files)
+# are cut to a short prefix.
+LONG_STRING = 256
+KEPT_PREFIX = 32
+BASE64_CHARACTERS = re.compile(r"^(data:[\w/+.-]+;base64,)?[A-Za-z0-9+/=_\-\s]+$")
+MAX_LOGGED_BODY = 4000
+
+
+def init_access_log(path, max_megabytes, backups):
+    """Attach the rotating file handler to the access logger and return it."""
+    handler = ConcurrentRotatingFileHandler(
+        str(path), maxBytes=int(max_megabytes * 1024 * 1024), backupCount=backups
+    )
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access_logger = logging.getLogger(ACCESS_LOGGER_NAME)
+    for old in list(access_logger.handlers):
+        access_logger.removeHandler(old)
+        old.close()
+
+    access_logger.addHandler(handler)
+    access_logger.setLevel(logging.INFO)
+    access_logger.propagate = False
+    return access_logger
+
+
+def redact_payload(value):
+    """Return a copy of parsed JSON with base64 payloads cut to a prefix."""
+    if isinstance(value, dict):
+        return {key: redact_payload(item) for key, item in value.items()}
+
+    if isinstance(value, list):
+        return [redact_payload(item) for item in value]
+
+    if isinstance(value, str) and len(value) > LONG_STRING:
+        if BASE64_CHARACTERS.match(value[:4096]):
+            return f"{value[:KEPT_PREFIX]}...[{len(value)} chars]"
+
+    return value
+
+
+def describe_json_body(payload):
+    """Return the redacted body as one escaped line, cut to a sane length."""
+    text = json.dumps(redact_payload(payload), ensure_ascii=True, separators=(",", ":"))
+    if len(text) > MAX_LOGGED_BODY:
+        text = f"{text[:MAX_LOGGED_BODY]}...[{len(text)} chars]"
+
+    return text
+
+
+def format_line(entry):
+    """Return the access-log line for a finished request.
+
+    `entry` is a dict with: user, client, method, path, status, ms, model,
+    prompt_tokens, completion_tokens, total_tokens, partial, body.
+    """
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    tokens = "/".join(
+        _token_text(entry.get(name))
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+    )
+    return " ".join(
+        (
+            when,
+            f"user={_quote(entry['user'])}",
+            f"client={_quote(entry['client'])}",
+            f"method={_quote(entry['method'])}",
+            f"path={_quote(entry['path'])}",
+            f"status={entry['status']}",
+            f"ms={entry['ms']}",
+            f"model={_quote(entry.get('model') or '-')}",
+            f"tokens={tokens}",
+            f"partial={'yes' if entry.get('partial') else 'no'}",
+            f"body={entry.get('body') or '-'}",
+        )
+    )
+
+
+def write_access_line(entry):
+    """Write one request's line to access.log; never raises."""
+    try:
+        logging.getLogger(ACCESS_LOGGER_NAME).info(format_line(entry))
+    except Exception:  # a full disk must not break the answer already sent
+        logger.exception("could not write the access log")
+
+
+def _quote(text):
+    return json.dumps(str(text), ensure_ascii=True)
+
+
+def _token_text(value):
+    return "?" if value is None else str(value)

@@ -1,0 +1,317 @@
+"""The proxy's Flask application: key check, forwarding view, accounting."""
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from functools import partial
+
+from flask import Flask, Response, current_app, g, jsonify, request
+from flask_cors import CORS
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+import db
+from accesslog import describe_json_body, init_access_log, write_access_line
+from config import get_data_path, load_settings
+from errors import (
+    BadRequest,
+    Forbidden,
+    MissingKey,
+    NotFound,
+    ProxyError,
+    TooLarge,
+    UnsupportedMediaType,
+    UpstreamError,
+    error_body,
+    error_response,
+)
+from forward import (
+    build_client_headers,
+    build_upstream_headers,
+    build_upstream_url,
+    relay,
+    send_upstream,
+)
+from keys import KeyRing, read_presented_key
+from metering import Meter, ask_for_stream_usage
+
+logger = logging.getLogger(__name__)
+
+FORWARDED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+JSON_MIMETYPES = ("application/json",)
+# Response headers a browser page may read (rate limits, request ids).
+EXPOSED_HEADERS = [
+    "x-request-id",
+    "openai-processing-ms",
+    "retry-after",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+]
+
+
+def create_app(config=None):
+    """Build the proxy from config.json and the environment, plus `config`."""
+    settings = load_settings(overrides=config)
+    app = Flask(__name__)
+    app.config.update(settings)
+    app.config["MAX_CONTENT_LENGTH"] = int(settings["MAX_BODY_MB"] * 1024 * 1024)
+    app.config["USAGE_DB"] = str(get_data_path(settings, "usage.sqlite"))
+
+    get_data_path(settings, "").mkdir(parents=True, exist_ok=True)
+    keyring = KeyRing(str(get_data_path(settings, "keys.json")))
+    keyring.load()
+    app.extensions["keyring"] = keyring
+    db.init_db(app.config["USAGE_DB"])
+    init_access_log(
+        get_data_path(settings, "access.log"),
+        settings["ACCESS_LOG_MAX_MB"],
+        settings["ACCESS_LOG_BACKUPS"],
+    )
+
+    CORS(app, origins=settings["CORS_ORIGINS"], expose_headers=EXPOSED_HEADERS)
+    if settings["TRUSTED_PROXIES"]:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings["TRUSTED_PROXIES"])
+
+    _register_handlers(app)
+    _warn_about_unsafe_settings(settings)
+    logger.info(
+        "proxy ready upstream=%s data=%s", settings["OPENAI_BASE_URL"], settings["DATA_DIR"]
+    )
+    return app
+
+
+def _register_handlers(app):
+    app.before_request(authenticate)
+    app.after_request(finish_request)
+    app.add_url_rule("/health", view_func=health)
+    app.add_url_rule("/v1/<path:subpath>", view_func=proxy, methods=FORWARDED_METHODS)
+    app.register_error_handler(ProxyError, error_response)
+    app.register_error_handler(HTTPException, _answer_http_exception)
+    app.register_error_handler(Exception, _answer_unexpected_exception)
+
+
+def _warn_about_unsafe_settings(settings):
+    base_url = settings["OPENAI_BASE_URL"]
+    is_loopback = base_url.startswith(("http://127.", "http://localhost", "http://[::1]"))
+    if base_url.startswith("http://") and not is_loopback:
+        logger.warning("OPENAI_BASE_URL is plain http: the OpenAI key travels unencrypted")
+
+
+def health():
+    """Answer load balancers and uptime checks; needs no key."""
+    return jsonify(status="ok")
+
+
+def authenticate():
+    """Before each request: find the student behind the key, or refuse."""
+    g.started = time.monotonic()
+    g.student = None
+    g.who = "-"
+    if request.method == "OPTIONS" or not request.path.startswith("/v1/"):
+        return
+
+    keyring = current_app.extensions["keyring"]
+    keyring.refresh()
+    key = read_presented_key(request.headers)
+    if key is None:
+        g.who = "(no key)"
+        raise MissingKey(
+            "No API key provided. Send your proxy key as 'Authorization: Bearer "
+            "KEY' (what the openai SDKs do) or in an 'api-key' header."
+        )
+
+    student = keyring.find(key)
+    if student is None:
+        g.who = "(unknown key)"
+        raise MissingKey(
+            "This API key is not valid for this proxy. Check it for typos, or ask "
+            "your teacher for your key."
+        )
+
+    g.student = student
+    g.who = f"{student.name} <{student.email}>"
+    if student.disabled:
+        raise Forbidden(
+            "Your key is disabled. Ask your teacher to enable it.", code="key_disabled"
+        )
+
+
+def proxy(subpath):
+    """Forward one /v1/ request upstream and stream the answer back."""
+    settings = current_app.config
+    url = build_upstream_url(settings["OPENAI_BASE_URL"], subpath, request.query_string)
+    body, payload = _read_body()
+    meter = Meter()
+    if isinstance(payload, dict):
+        g.model = payload.get("model") if isinstance(payload.get("model"), str) else None
+        if ask_for_stream_usage(subpath, payload):
+            meter.strip_usage_chunk = True
+            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+    g.meter = meter
+    upstream = send_upstream(
+        request.method,
+        url,
+        build_upstream_headers(request.headers, settings["OPENAI_API_KEY"]),
+        body,
+        (settings["UPSTREAM_CONNECT_TIMEOUT"], settings["UPSTREAM_TIMEOUT"]),
+    )
+    if upstream.status_code == 401:
+        upstream.close()
+        _refuse_misconfigured_proxy()
+
+    return Response(
+        relay(upstream, meter),
+        status=upstream.status_code,
+        headers=build_client_headers(upstream.headers),
+    )
+
+
+def _read_body():
+    """Return (body to send, parsed JSON or None) after checking its type."""
+    has_body = request.content_length or request.headers.get("Transfer-Encoding")
+    if not has_body:
+        return None, None
+
+    mimetype = request.mimetype
+    if mimetype in JSON_MIMETYPES or mimetype.endswith("+json"):
+        raw = request.get_data(cache=False)
+        try:
+            payload = json.loads(raw)
+        except ValueError as error:
+            g.body = f'"<invalid JSON, {len(raw)} bytes>"'
+            raise BadRequest(
+                f"The request body is not valid JSON ({error}). Check quotes and commas."
+            ) from error
+
+        g.body = describe_json_body(payload)
+        return raw, payload
+
+    if mimetype == "multipart/form-data":
+        # TODO: spool uploads to disk instead of streaming them (issue 3).
+        g.body = f'"<multipart, {request.content_length} bytes>"'
+        return request.stream, None
+
+    raise UnsupportedMediaType(
+        "Send the request body as JSON with 'Content-Type: application/json' "
+        f"(this request said {mimetype or 'nothing'!r})."
+    )
+
+
+def _refuse_misconfigured_proxy():
+    logger.error(
+        "the upstream refused the proxy's own OPENAI_API_KEY (401): fix it in "
+        "config.json; every student request fails until then"
+    )
+    error = UpstreamError(
+        "The proxy is misconfigured: the OpenAI API refused the proxy's own key. "
+        "Your key is fine; please tell your teacher.",
+        code="proxy_misconfigured",
+    )
+    error.should_retry = False
+    raise error
+
+
+def finish_request(response):
+    """After each request: account for it once the body has been sent."""
+    record = {
+        "student": g.get("student"),
+        "who": g.get("who", "-"),
+        "client": request.remote_addr or "-",
+        "method": request.method,
+        "path": request.path,
+        "status": response.status_code,
+        "started": g.get("started", time.monotonic()),
+        "date": _utc_now(),
+        "model": g.get("model"),
+        "meter": g.get("meter"),
+        "body": g.get("body"),
+        "usage_db": current_app.config["USAGE_DB"],
+    }
+    if request.method != "OPTIONS":
+        response.call_on_close(partial(_account, record))
+
+    return response
+
+
+def _account(record):
+    # Runs when the response is closed: after the last byte, or when the
+    # client went away, so duration, tokens and `partial` are final.
+    meter = record["meter"] or Meter()
+    model = record["model"] or meter.model
+    duration_ms = int((time.monotonic() - record["started"]) * 1000)
+    student = record["student"]
+    if student is not None and record["meter"] is not None:
+        db.record_usage(
+            record["usage_db"],
+            db.UsageRow(
+                api_key=student.fingerprint,
+                date=record["date"],
+                model=model,
+                endpoint=record["path"],
+                prompt_tokens=meter.prompt_tokens,
+                completion_tokens=meter.completion_tokens,
+                total_tokens=meter.total_tokens,
+                email=student.email,
+                name=student.name,
+                method=record["method"],
+                status=record["status"],
+                duration_ms=duration_ms,
+                streamed=meter.streamed,
+                partial=meter.partial,
+                audio_seconds=meter.audio_seconds,
+            ),
+        )
+
+    write_access_line(
+        {
+            "user": record["who"],
+            "client": record["client"],
+            "method": record["method"],
+            "path": record["path"],
+            "status": record["status"],
+            "ms": duration_ms,
+            "model": model,
+            "prompt_tokens": meter.prompt_tokens,
+            "completion_tokens": meter.completion_tokens,
+            "total_tokens": meter.total_tokens,
+            "partial": meter.partial,
+            "body": record["body"],
+        }
+    )
+
+
+def _utc_now():
+    now = datetime.now(timezone.utc)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _answer_http_exception(error):
+    if error.code == 413:
+        limit = current_app.config["MAX_BODY_MB"]
+        return error_response(
+            TooLarge(f"The request body is over the proxy's {limit} MB limit.")
+        )
+
+    if error.code == 404:
+        return error_response(
+            NotFound(f"No route {request.path} on this proxy: API calls go under /v1/.")
+        )
+
+    response = jsonify(error_body(error.description, "invalid_request_error"))
+    response.status_code = error.code
+    return response
+
+
+def _answer_unexpected_exception(error):
+    logger.exception("unexpected error path=%s", request.path)
+    response = jsonify(
+        error_body("The proxy hit an internal error. Try again.", "server_error")
+    )
+    response.status_code = 500
+    return response

@@ -1,0 +1,123 @@
+"""Make student keys: `python create.py NAME EMAIL` or `--csv roster.csv`."""
+
+import csv
+import json
+
+import click
+
+from config import ConfigError, get_data_path, load_settings
+from keys import KeysFileError, generate_key, is_valid_email, update_keys
+
+
+def get_keys_path():
+    """Return the keys.json the proxy uses, as config.json places it."""
+    try:
+        settings = load_settings(require_api_key=False)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error
+
+    return str(get_data_path(settings, "keys.json"))
+
+
+def add_students(path, people):
+    """Add (name, email) pairs not yet in keys.json; return (added, skipped)."""
+
+    def change(entries):
+        known = {entry["email"].lower() for entry in entries}
+        added, skipped = [], []
+        for name, email in people:
+            if email.lower() in known:
+                skipped.append(email)
+                continue
+
+            entry = {"key": generate_key(), "name": name, "email": email}
+            entries.append(entry)
+            known.add(email.lower())
+            added.append(entry)
+
+        return added, skipped
+
+    try:
+        return update_keys(path, change)
+    except KeysFileError as error:
+        raise click.ClickException(f"{error}; fix it before adding keys") from error
+
+
+def read_roster(file):
+    """Return (name, email) pairs from a CSV with `name,email` columns."""
+    reader = csv.DictReader(file)
+    if not reader.fieldnames or not {"name", "email"} <= set(reader.fieldnames):
+        raise click.ClickException(f"{file.name} needs a header row: name,email")
+
+    people = []
+    for row in reader:
+        name, email = (row["name"] or "").strip(), (row["email"] or "").strip()
+        _check_person(name, email, where=f"{file.name} line {reader.line_num}: ")
+        people.append((name, email))
+
+    return people
+
+
+def _check_person(name, email, where=""):
+    if not name:
+        raise click.ClickException(f"{where}the name is empty; nothing was added")
+
+    if not is_valid_email(email):
+        raise click.ClickException(
+            f"{where}{email!r} is not an e-mail address; nothing was added"
+        )
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.argument("email", required=False)
+@click.option(
+    "--csv",
+    "roster",
+    type=click.File(encoding="utf-8-sig"),
+    help="Add everyone in a CSV file with name,email columns.",
+)
+def main(name, email, roster):
+    """Make a key for a student and add it to keys.json.
+
+    NAME and EMAIL are both required, unless --csv gives a whole class.
+    The proxy picks up the new key on its next request; no restart needed.
+    """
+    if roster is None and not (name and email):
+        raise click.UsageError("give a NAME and an EMAIL, or --csv FILE")
+
+    if roster is not None and (name or email):
+        raise click.UsageError("give either NAME EMAIL or --csv FILE, not both")
+
+    if roster is None:
+        _check_person(name.strip(), email.strip())
+        people = [(name.strip(), email.strip())]
+    else:
+        people = read_roster(roster)
+
+    added, skipped = add_students(get_keys_path(), people)
+    if roster is None:
+        _echo_single(added, email)
+    else:
+        _echo_roster(added, skipped)
+
+
+def _echo_single(added, email):
+    if not added:
+        raise click.ClickException(f"{email} already has a key in keys.json")
+
+    click.echo(json.dumps(added[0], indent=2, ensure_ascii=False))
+
+
+def _echo_roster(added, skipped):
+    writer = csv.writer(click.get_text_stream("stdout"))
+    if added:
+        writer.writerow(["name", "email", "key"])
+        for entry in added:
+            writer.writerow([entry["name"], entry["email"], entry["key"]])
+
+    click.echo(f"added {len(added)}, skipped {len(skipped)} already present", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The usage store: usage.sqlite, one row per forwarded request.
+
+The table keeps the Node proxy's columns so its files open unchanged;
+migrations add ours. Where the Node proxy stored the student's key in
+`api_key`, we store the key's fingerprint (see keys.fingerprint), and a
+migration rewrites old rows the same way, so the file never holds a copy
+of a key while old rows stay attributed to their student.
+
+Token columns hold NULL when the upstream reported no usage: unknown is
+not zero.
+
+Usage is written when a response ends, often after Flask's request context
+is gone, so connections are kept per thread instead of per request. WAL
+mode and a long busy timeout let several gunicorn workers write at once.
+"""
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import astuple, dataclass, fields
+
+from keys import fingerprint
+
+logger = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_SECONDS = 30
+WRITE_ATTEMPTS = 5
+
+
+def _create_node_table(connection):
+    # The Node proxy's table, for files that do not have it yet.
+    connection.execute(
+        "CREATE TABLE IF NOT EXISTS usage_log ("
+        " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " api_key TEXT, date TEXT, model TEXT, endpoint TEXT,"
+        " prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER)"
+    )
+
+
+def _add_request_columns(connection):
+    columns = {
+        "email": "TEXT",
+        "name": "TEXT",
+        "method": "TEXT",
+        "status": "INTEGER",
+        "duration_ms": "INTEGER",
+        "streamed": "INTEGER NOT NULL DEFAULT 0",
+        "partial": "INTEGER NOT NULL DEFAULT 0",
+        "audio_seconds": "REAL",
+    }
+    existing = {row[1] for row in connection.execute("PRAGMA table_info(usage_log)")}
+    for name, kind in columns.items():
+        if name not in existing:
+            connection.execute(f"ALTER TABLE usage_log ADD COLUMN {name} {kind}")
+
+
+def _hash_node_keys(connection):
+    connection.create_function("fingerprint", 1, fingerprint, deterministic=True)
+    connection.execute(
+        "UPDATE usage_log SET api_key = fingerprint(api_key)"
+        " WHERE api_key IS NOT NULL AND api_key NOT LIKE 'sha256:%'"
+    )
+
+
+def _index_student_and_date(connection):
+    connection.execute(
+        "CREATE INDEX IF NOT EXISTS usage_by_key_date ON usage_log (api_key, date)"
+    )
+    connection.execute("CREATE INDEX IF NOT EXISTS usage_by_date ON usage_log (date)")
+
+
+# Applied in order; PRAGMA user_version counts the steps a file has had.
+MIGRATIONS = (
+    _create_node_table,
+    _add_request_columns,
+    _hash_node_keys,
+    _index_student_and_date,
+)
+
+
+@dataclass
+class UsageRow:
+    """One forwarded request, as stored."""
+
+    api_key: str  # the key's fingerprint, never the key
+    date: str  # ISO 8601 UTC, as the Node proxy wrote it
+    model: str | None
+    endpoint: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    email: str
+    name: str
+    method: str
+    status: int
+    duration_ms: int
+    streamed: bool
+    partial: bool
+    audio_seconds: float | None = None
+
+
+ROW_COLUMNS = tuple(f.name for f in fields(UsageRow))
+INSERT_ROW = (
+    f"INSERT INTO usage_log ({', '.join(ROW_COLUMNS)})"
+    f" VALUES ({', '.join('?' for _ in ROW_COLUMNS)})"
+)
+
+_local = threading.local()
+
+
+def connect(path):
+    """Open a connection tuned for many writers; autocommit mode."""
+    connection = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+    )
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    return connection
+
+
+def get_db(path):
+    """Return this thread's connection to `path`, opening it on first use."""
+    connections = getattr(_local, "connections", None)
+    if connections is None:
+        connections = _local.connections = {}
+
+    connection = connections.get(path)
+    if connection is None:
+        connection = connections[path] = connect(path)
+
+    return connection
+
+
+def init_db(path):
+    """Create the schema, or bring an older file (Node's included) up to date."""
+    connection = connect(path)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        for step in MIGRATIONS[version:]:
+            step(connection)
+            logger.info("migrated usage store path=%s step=%s", path, step.__name__)
+
+        connection.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+        connection.execute("COMMIT")
+    finally:
+        connection.close()
+
+
+def record_usage(path, row):
+    """Insert one usage row, retrying while other writers hold the lock.
+
+    Never raises: a row that cannot be written is logged with its facts, so
+    the teacher can still account for it.
+    """
+    error = None
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            get_db(path).execute(INSERT_ROW, astuple(row))
+            return True
+        except sqlite3.Error as failure:
+            error = failure
+            if "locked" not in str(error) and "busy" not in str(error):
+                break
+
+            time.sleep(0.05 * attempt)
+
+    logger.error(
+        "usage row lost user=%s endpoint=%s model=%s tokens=%s status=%s error=%s",
+        row.email,
+        row.endpoint,
+        row.model,
+        row.total_tokens,
+        row.status,
+        error,
+    )
+    return False

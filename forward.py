@@ -1,0 +1,232 @@
+"""Sending a request to the upstream and relaying its answer as it arrives.
+
+The student's key stays here: it is removed with the other headers that
+describe the hop from the client, and the proxy's own key is added.
+Answers are relayed without buffering: event streams one whole event at a
+time, everything else in pieces as the socket delivers them.
+"""
+
+import json
+import logging
+import threading
+from urllib.parse import quote
+
+import requests
+import urllib3
+
+from errors import BadRequest, UpstreamError, UpstreamTimeout, error_body
+from metering import MAX_METERED_BODY, EventSplitter
+
+logger = logging.getLogger(__name__)
+
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Client headers that describe the hop to us, or carry the student's key.
+NOT_FORWARDED_REQUEST_HEADERS = HOP_BY_HOP_HEADERS | {
+    "host",
+    "content-length",
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "cookie",
+    "origin",
+    "referer",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    # We ask for identity and relay decoded bytes: no double gzip decoding.
+    "accept-encoding",
+}
+
+# Upstream headers that our server sets itself or that no longer hold once
+# the body is relayed decoded.
+NOT_RELAYED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {
+    "content-encoding",
+    "content-length",
+    "server",
+    "date",
+}
+
+# Characters that may stay as they are in a path segment (RFC 3986 pchar).
+SEGMENT_SAFE_CHARACTERS = "-._~!$&'()*+,;=:@"
+QUERY_SAFE_CHARACTERS = SEGMENT_SAFE_CHARACTERS + "/?%"
+
+READ_SIZE = 64 * 1024
+
+_local = threading.local()
+
+
+def build_upstream_url(base_url, subpath, query_string=b""):
+    """Join the upstream base and a client path that must stay under it.
+
+    Raises BadRequest for empty, `.` or `..` segments and control characters,
+    so no path can leave the base (the host cannot change: every segment is
+    percent-encoded and the path always follows the base's own).
+    """
+    segments = subpath.split("/")
+    for segment in segments:
+        if segment in ("", ".", "..") or not segment.isprintable() or "\\" in segment:
+            raise BadRequest(f"invalid path /v1/{subpath}: use a plain API path")
+
+    path = "/".join(quote(segment, safe=SEGMENT_SAFE_CHARACTERS) for segment in segments)
+    url = f"{base_url}/{path}"
+    if query_string:
+        query = query_string.decode("latin-1")
+        if not query.isprintable():
+            raise BadRequest("invalid query string: control characters are not allowed")
+
+        url += "?" + quote(query, safe=QUERY_SAFE_CHARACTERS + "=")
+
+    return url
+
+
+def build_upstream_headers(client_headers, api_key):
+    """Return the headers to send upstream: the client's, minus hop and keys."""
+    headers = {
+        name: value
+        for name, value in client_headers.items()
+        if name.lower() not in NOT_FORWARDED_REQUEST_HEADERS
+    }
+    headers["Authorization"] = f"Bearer {api_key}"
+    headers["Accept-Encoding"] = "identity"
+    return headers
+
+
+def build_client_headers(upstream_headers):
+    """Return the upstream's response headers that go back to the client."""
+    return [
+        (name, value)
+        for name, value in upstream_headers.items()
+        if name.lower() not in NOT_RELAYED_RESPONSE_HEADERS
+    ]
+
+
+def _get_session():
+    # A session per thread: pooled keep-alive connections without sharing a
+    # Session across threads, which requests does not promise is safe.
+    session = getattr(_local, "session", None)
+    if session is None:
+        session = _local.session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=4)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.trust_env = False
+
+    return session
+
+
+def send_upstream(method, url, headers, body, timeouts):
+    """Send the request and return the streamed requests.Response.
+
+    Raises UpstreamTimeout or UpstreamError, with the network error as cause.
+    """
+    try:
+        return _get_session().request(
+            method,
+            url,
+            headers=headers,
+            data=body,
+            stream=True,
+            timeout=timeouts,
+            allow_redirects=False,
+        )
+    except requests.Timeout as error:
+        raise UpstreamTimeout(
+            "The OpenAI API did not answer in time. Try again in a moment."
+        ) from error
+    except requests.RequestException as error:
+        raise UpstreamError(
+            "The proxy could not reach the OpenAI API. Try again in a moment; "
+            "if it keeps failing, tell your teacher."
+        ) from error
+
+
+def is_event_stream(upstream):
+    """Tell whether the upstream answers with server-sent events."""
+    content_type = upstream.headers.get("content-type", "")
+    return content_type.startswith("text/event-stream")
+
+
+def relay(upstream, meter):
+    """Yield the upstream's body to the client as it arrives, metering it.
+
+    Closing the generator (the client went away) closes the upstream
+    connection at once and leaves the meter marked partial.
+    """
+    finished = False
+    event_stream = meter.streamed = is_event_stream(upstream)
+    try:
+        if event_stream:
+            yield from _relay_events(upstream, meter)
+        else:
+            yield from _relay_body(upstream, meter)
+
+        finished = True
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+        logger.warning("upstream stream broke url=%s error=%s", upstream.url, error)
+        if event_stream:
+            yield _stream_error_event()
+    finally:
+        upstream.close()
+        meter.partial = meter.partial or not finished
+
+
+def _read_pieces(upstream):
+    # read1 returns as soon as the socket has data; read(amt) would wait for
+    # a full `amt` bytes and hold back a slow stream.
+    raw = upstream.raw
+    while piece := raw.read1(READ_SIZE, decode_content=True):
+        yield piece
+
+
+def _relay_events(upstream, meter):
+    splitter = EventSplitter()
+    for piece in _read_pieces(upstream):
+        events = [event for event in splitter.feed(piece) if meter.read_event(event)]
+        if events:
+            yield b"".join(events)
+
+    rest = splitter.rest()
+    if rest:
+        meter.partial = True
+        yield rest
+
+
+def _relay_body(upstream, meter):
+    content_type = upstream.headers.get("content-type", "")
+    copy = bytearray() if content_type.startswith("application/json") else None
+    for piece in _read_pieces(upstream):
+        if copy is not None and len(copy) + len(piece) <= MAX_METERED_BODY:
+            copy += piece
+
+        yield piece
+
+    if copy is not None:
+        meter.read_body(bytes(copy))
+
+
+def _stream_error_event():
+    # The status is long sent; an error event is how OpenAI reports a failure
+    # mid-stream, and the SDKs raise APIError on it.
+    body = error_body(
+        "The connection to the OpenAI API broke mid-stream; the answer is "
+        "incomplete. Try again.",
+        "server_error",
+        "upstream_stream_broken",
+    )
+    return b"data: " + json.dumps(body).encode() + b"\n\n"

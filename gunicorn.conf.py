@@ -1,0 +1,27 @@
+"""gunicorn settings for `gunicorn wsgi:app`.
+
+Flags on the command line win over this file (`--bind`, `--workers`,
+`--threads`), and so do the environment variables read below.
+
+gthread workers: each request holds a thread, not a process, so hundreds
+of long streams fit in a few processes. The worker's timeout only watches
+the worker's own heartbeat, which its main loop keeps sending while request
+threads wait on the upstream, so a ten-minute stream is not killed.
+"""
+
+import os
+
+bind = os.environ.get("PROXY_BIND", "0.0.0.0:8080")
+worker_class = "gthread"
+workers = int(os.environ.get("PROXY_WORKERS", "2"))
+# workers * threads is how many requests (streams included) run at once.
+threads = int(os.environ.get("PROXY_THREADS", "128"))
+timeout = 60
+graceful_timeout = 30
+keepalive = 5
+# Load the app once in the master: a bad config.json stops start-up with one
+# message instead of a crash loop of workers.
+preload_app = True
+# gunicorn 27's control socket lives at one fixed path per user, so two
+# proxies on one machine would fight over it; we do not use it.
+control_socket_disable = True

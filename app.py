@@ -3,6 +3,7 @@
 import json
 import logging
 import time
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from functools import partial
 
@@ -35,6 +36,8 @@ from forward import (
 )
 from keys import KeyRing, read_presented_key
 from metering import Meter, ask_for_stream_usage
+from uploads import MAX_BODY_BYTES as MAX_UPLOAD_BODY_BYTES
+from uploads import get_temp_folder, spool_upload, start_sweeper, sweep, upload_slot
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ def create_app(config=None):
     keyring.load()
     app.extensions["keyring"] = keyring
     db.init_db(app.config["USAGE_DB"])
+    sweep(get_temp_folder(settings["DATA_DIR"]))
     init_access_log(
         get_data_path(settings, "access.log"),
         settings["ACCESS_LOG_MAX_MB"],
@@ -145,22 +149,18 @@ def proxy(subpath):
     """Forward one /v1/ request upstream and stream the answer back."""
     settings = current_app.config
     url = build_upstream_url(settings["OPENAI_BASE_URL"], subpath, request.query_string)
-    body, payload = _read_body()
     meter = Meter()
-    if isinstance(payload, dict):
-        g.model = payload.get("model") if isinstance(payload.get("model"), str) else None
-        if ask_for_stream_usage(subpath, payload):
-            meter.strip_usage_chunk = True
-            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    with ExitStack() as cleanup:
+        body = _read_body(subpath, meter, cleanup)
+        g.meter = meter
+        upstream = send_upstream(
+            request.method,
+            url,
+            build_upstream_headers(request.headers, settings["OPENAI_API_KEY"]),
+            body,
+            (settings["UPSTREAM_CONNECT_TIMEOUT"], settings["UPSTREAM_TIMEOUT"]),
+        )
 
-    g.meter = meter
-    upstream = send_upstream(
-        request.method,
-        url,
-        build_upstream_headers(request.headers, settings["OPENAI_API_KEY"]),
-        body,
-        (settings["UPSTREAM_CONNECT_TIMEOUT"], settings["UPSTREAM_TIMEOUT"]),
-    )
     if upstream.status_code == 401:
         upstream.close()
         _refuse_misconfigured_proxy()
@@ -172,35 +172,62 @@ def proxy(subpath):
     )
 
 
-def _read_body():
-    """Return (body to send, parsed JSON or None) after checking its type."""
+def _read_body(subpath, meter, cleanup):
+    """Return the body to send upstream, after checking its type and limits.
+
+    Uploads are spooled to disk; `cleanup` deletes them once sent.
+    """
     has_body = request.content_length or request.headers.get("Transfer-Encoding")
     if not has_body:
-        return None, None
+        return None
 
     mimetype = request.mimetype
     if mimetype in JSON_MIMETYPES or mimetype.endswith("+json"):
-        raw = request.get_data(cache=False)
-        try:
-            payload = json.loads(raw)
-        except ValueError as error:
-            g.body = f'"<invalid JSON, {len(raw)} bytes>"'
-            raise BadRequest(
-                f"The request body is not valid JSON ({error}). Check quotes and commas."
-            ) from error
-
-        g.body = describe_json_body(payload)
-        return raw, payload
+        return _read_json_body(subpath, meter)
 
     if mimetype == "multipart/form-data":
-        # TODO: spool uploads to disk instead of streaming them (issue 3).
-        g.body = f'"<multipart, {request.content_length} bytes>"'
-        return request.stream, None
+        return _spool_multipart_body(subpath, cleanup)
 
     raise UnsupportedMediaType(
         "Send the request body as JSON with 'Content-Type: application/json' "
         f"(this request said {mimetype or 'nothing'!r})."
     )
+
+
+def _read_json_body(subpath, meter):
+    raw = request.get_data(cache=False)
+    try:
+        payload = json.loads(raw)
+    except ValueError as error:
+        g.body = f'"<invalid JSON, {len(raw)} bytes>"'
+        raise BadRequest(
+            f"The request body is not valid JSON ({error}). Check quotes and commas."
+        ) from error
+
+    g.body = describe_json_body(payload)
+    if not isinstance(payload, dict):
+        return raw
+
+    g.model = payload.get("model") if isinstance(payload.get("model"), str) else None
+    if ask_for_stream_usage(subpath, payload):
+        meter.strip_usage_chunk = True
+        raw = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+    return raw
+
+
+def _spool_multipart_body(subpath, cleanup):
+    folder = get_temp_folder(current_app.config["DATA_DIR"])
+    start_sweeper(folder)
+    cleanup.enter_context(upload_slot(folder, g.student.fingerprint))
+    # Several files of up to 50 MB each: the JSON limit does not apply here.
+    request.max_content_length = MAX_UPLOAD_BODY_BYTES
+    upload = cleanup.enter_context(
+        spool_upload(request.stream, request.mimetype_params, folder, subpath)
+    )
+    g.body = json.dumps(upload.describe())
+    g.model = upload.fields.get("model")
+    return cleanup.enter_context(open(upload.path, "rb"))
 
 
 def _refuse_misconfigured_proxy():

@@ -25,3 +25,13 @@ preload_app = True
 # gunicorn 27's control socket lives at one fixed path per user, so two
 # proxies on one machine would fight over it; we do not use it.
 control_socket_disable = True
+
+
+def on_exit(server):
+    """On a graceful shutdown, delete uploads no request will finish now."""
+    from config import get_data_path, load_settings
+    from uploads import TEMP_FOLDER_NAME, sweep
+
+    folder = get_data_path(load_settings(require_api_key=False), TEMP_FOLDER_NAME)
+    if folder.is_dir():
+        sweep(folder, older_than=-1)

@@ -250,7 +250,10 @@ def student(proxy):
 @pytest.fixture
 def client(proxy, student):
     """The official openai SDK, pointed at the proxy with the student's key."""
-    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=student.key, max_retries=0)
+    with openai.OpenAI(
+        base_url=f"{proxy.url}/v1", api_key=student.key, max_retries=0
+    ) as sdk:
+        yield sdk
 
 
 def read_usage_rows(usage_path, fingerprint_value):

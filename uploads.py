@@ -21,8 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock, Timeout
-from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder
-from werkzeug.sansio.multipart import NeedData
+from werkzeug.sansio.multipart import (
+    Data,
+    Epilogue,
+    Field,
+    File,
+    MultipartDecoder,
+    NeedData,
+)
 
 from errors import BadRequest, ProxyError, TooLarge
 
@@ -220,7 +226,9 @@ def _check_required_parts(upload, endpoint):
         raise BadRequest("Attach the audio as a 'file' field.", param="file")
 
     for part in upload.files:
-        extension = part.filename.rpartition(".")[2].lower() if "." in part.filename else ""
+        extension = (
+            part.filename.rpartition(".")[2].lower() if "." in part.filename else ""
+        )
         if extension not in AUDIO_EXTENSIONS:
             raise BadRequest(
                 f"{part.filename!r} is not an accepted audio file. Use one of: "

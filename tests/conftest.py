@@ -23,7 +23,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 UPSTREAM_KEY = "sk-upstream-test-key-0123456789"
 sys.path.insert(0, str(PROJECT_DIR))
 
-from keys import fingerprint, update_keys  # noqa: E402
+from keys import fingerprint, update_keys
 
 
 @pytest.fixture(autouse=True)
@@ -248,12 +248,24 @@ def student(proxy):
 
 
 @pytest.fixture
-def client(proxy, student):
+def make_client():
+    """Build official openai SDK clients for a proxy; closed after the test."""
+    made = []
+
+    def build(proxy, key):
+        sdk = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=key, max_retries=0)
+        made.append(sdk)
+        return sdk
+
+    yield build
+    for sdk in made:
+        sdk.close()
+
+
+@pytest.fixture
+def client(proxy, student, make_client):
     """The official openai SDK, pointed at the proxy with the student's key."""
-    with openai.OpenAI(
-        base_url=f"{proxy.url}/v1", api_key=student.key, max_retries=0
-    ) as sdk:
-        yield sdk
+    return make_client(proxy, student.key)
 
 
 def read_usage_rows(usage_path, fingerprint_value):
@@ -261,7 +273,8 @@ def read_usage_rows(usage_path, fingerprint_value):
     connection.row_factory = sqlite3.Row
     try:
         rows = connection.execute(
-            "SELECT * FROM usage_log WHERE api_key = ? ORDER BY id", (fingerprint_value,)
+            "SELECT * FROM usage_log WHERE api_key = ? ORDER BY id",
+            (fingerprint_value,),
         ).fetchall()
     finally:
         connection.close()

@@ -7,7 +7,6 @@ import time
 import openai
 import pytest
 import requests
-
 from conftest import UPSTREAM_KEY, add_student, wait_for_usage_rows
 
 
@@ -131,10 +130,8 @@ def test_gzip_answer_is_decoded_once(proxy, upstream, client, student):
     assert reply.usage.total_tokens == 14
 
 
-def test_unknown_key_raises_authentication_error(proxy, upstream):
-    stranger = openai.OpenAI(
-        base_url=f"{proxy.url}/v1", api_key="sk-not-a-student", max_retries=0
-    )
+def test_unknown_key_raises_authentication_error(proxy, upstream, make_client):
+    stranger = make_client(proxy, "sk-not-a-student")
 
     with pytest.raises(openai.AuthenticationError) as raised:
         stranger.chat.completions.create(model="gpt-4o-mini", messages=[])
@@ -158,7 +155,9 @@ def test_upstream_rate_limit_passes_through(proxy, upstream, client, student):
 @pytest.mark.parametrize("status", [400, 404, 500])
 def test_upstream_error_bodies_pass_through_unchanged(proxy, upstream, student, status):
     headers = {"Authorization": f"Bearer {UPSTREAM_KEY}", "x-fake-status": str(status)}
-    direct = requests.post(f"{upstream.url}/v1/chat/completions", headers=headers, json={})
+    direct = requests.post(
+        f"{upstream.url}/v1/chat/completions", headers=headers, json={}
+    )
 
     through = requests.post(
         f"{proxy.url}/v1/chat/completions",
@@ -179,15 +178,19 @@ def test_key_headers_of_the_node_proxy_are_accepted(proxy, upstream, student):
 
         assert answer.status_code == 200, header
 
-    assert all(r["headers"].get(h) is None for r in upstream.requests() for h in (
-        "api-key",
-        "x-api-key",
-    ))
+    assert all(
+        r["headers"].get(h) is None
+        for r in upstream.requests()
+        for h in (
+            "api-key",
+            "x-api-key",
+        )
+    )
 
 
-def test_disabled_key_is_refused_with_403(proxy, upstream):
+def test_disabled_key_is_refused_with_403(proxy, upstream, make_client):
     disabled = add_student(proxy.keys_path, disabled=True)
-    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=disabled.key)
+    client = make_client(proxy, disabled.key)
 
     with pytest.raises(openai.PermissionDeniedError) as raised:
         client.models.list()
@@ -197,11 +200,11 @@ def test_disabled_key_is_refused_with_403(proxy, upstream):
 
 
 def test_upstream_refusing_the_proxy_key_is_reported_as_misconfiguration(
-    proxy_factory, upstream, caplog
+    proxy_factory, upstream, caplog, make_client
 ):
     broken = proxy_factory(OPENAI_API_KEY="sk-wrong-upstream-key-that-is-secret")
     student = add_student(broken.keys_path)
-    client = openai.OpenAI(base_url=f"{broken.url}/v1", api_key=student.key, max_retries=0)
+    client = make_client(broken, student.key)
 
     with pytest.raises(openai.InternalServerError) as raised:
         client.models.list()
@@ -214,11 +217,11 @@ def test_upstream_refusing_the_proxy_key_is_reported_as_misconfiguration(
     assert "sk-wrong" not in broken.access_log()
 
 
-def test_unreachable_upstream_gives_502(proxy_factory):
+def test_unreachable_upstream_gives_502(proxy_factory, make_client):
     port = _closed_port()
     broken = proxy_factory(OPENAI_BASE_URL=f"http://127.0.0.1:{port}")
     student = add_student(broken.keys_path)
-    client = openai.OpenAI(base_url=f"{broken.url}/v1", api_key=student.key, max_retries=0)
+    client = make_client(broken, student.key)
 
     with pytest.raises(openai.InternalServerError) as raised:
         client.models.list()
@@ -228,10 +231,10 @@ def test_unreachable_upstream_gives_502(proxy_factory):
     assert row["status"] == 502
 
 
-def test_slow_upstream_gives_504(proxy_factory, upstream):
+def test_slow_upstream_gives_504(proxy_factory, upstream, make_client):
     slow = proxy_factory(UPSTREAM_TIMEOUT=0.3)
     student = add_student(slow.keys_path)
-    client = openai.OpenAI(base_url=f"{slow.url}/v1", api_key=student.key, max_retries=0)
+    client = make_client(slow, student.key)
 
     with pytest.raises(openai.InternalServerError) as raised:
         client.models.list(extra_headers={"x-fake-delay-ms": "2000"})
@@ -317,7 +320,9 @@ def _wait_for_upstream_hang_up(upstream, seconds=5):
     raise AssertionError("the proxy kept the upstream stream open")
 
 
-def test_upstream_cutting_a_stream_gives_the_student_an_error(proxy, upstream, client, student):
+def test_upstream_cutting_a_stream_gives_the_student_an_error(
+    proxy, upstream, client, student
+):
     stream = client.chat.completions.create(
         model="gpt-4o-mini",
         messages=[],
@@ -368,4 +373,7 @@ def test_cors_headers_are_on_errors_too(proxy):
     )
 
     assert answer.status_code == 401
-    assert answer.headers["Access-Control-Allow-Origin"] in ("*", "https://class.example")
+    assert answer.headers["Access-Control-Allow-Origin"] in (
+        "*",
+        "https://class.example",
+    )

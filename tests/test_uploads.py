@@ -13,8 +13,8 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-
 from conftest import add_student, stop_process, wait_for_usage_rows
+
 from uploads import MAX_UPLOADS_PER_STUDENT, sweep
 
 
@@ -162,9 +162,9 @@ def _start_slow_upload(url, key):
     host, port = url.removeprefix("http://").split(":")
     boundary = "holdboundary"
     head = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
         f"whisper-1\r\n--{boundary}\r\nContent-Disposition: form-data; "
-        f"name=\"file\"; filename=\"slow.wav\"\r\n\r\n"
+        f'name="file"; filename="slow.wav"\r\n\r\n'
     ).encode() + b"\0" * 1024
     held = socket.create_connection((host, int(port)))
     held.sendall(
@@ -284,8 +284,8 @@ def test_sweep_removes_only_stale_uploads(tmp_path):
     assert not stale.exists() and fresh.exists()
 
 
-def test_upload_rejects_client_side_key_check_first(proxy, upstream):
-    stranger = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="nope", max_retries=0)
+def test_upload_rejects_client_side_key_check_first(proxy, upstream, make_client):
+    stranger = make_client(proxy, "nope")
 
     with pytest.raises(openai.AuthenticationError):
         stranger.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"x"))

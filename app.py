@@ -33,12 +33,15 @@ from forward import (
     relay,
     send_upstream,
 )
-from keys import KeyRing, read_presented_key
+from keys import KeyRing, find_admin_key, read_presented_key
 from metering import Meter, ask_for_stream_usage
+from page import register_page
 
 logger = logging.getLogger(__name__)
 
 FORWARDED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+# Paths that need a key: the API we forward, and the usage page's JSON.
+KEYED_PREFIXES = ("/v1/", "/api/")
 JSON_MIMETYPES = ("application/json",)
 # Response headers a browser page may read (rate limits, request ids).
 EXPOSED_HEADERS = [
@@ -90,6 +93,7 @@ def _register_handlers(app):
     app.after_request(finish_request)
     app.add_url_rule("/health", view_func=health)
     app.add_url_rule("/v1/<path:subpath>", view_func=proxy, methods=FORWARDED_METHODS)
+    register_page(app)
     app.register_error_handler(ProxyError, error_response)
     app.register_error_handler(HTTPException, _answer_http_exception)
     app.register_error_handler(Exception, _answer_unexpected_exception)
@@ -112,7 +116,7 @@ def authenticate():
     g.started = time.monotonic()
     g.student = None
     g.who = "-"
-    if request.method == "OPTIONS" or not request.path.startswith("/v1/"):
+    if request.method == "OPTIONS" or not request.path.startswith(KEYED_PREFIXES):
         return
 
     keyring = current_app.extensions["keyring"]
@@ -126,6 +130,9 @@ def authenticate():
         )
 
     student = keyring.find(key)
+    if student is None and request.path.startswith("/api/"):
+        student = find_admin_key(key, current_app.config["ADMIN_KEYS"])
+
     if student is None:
         g.who = "(unknown key)"
         raise MissingKey(
@@ -135,7 +142,8 @@ def authenticate():
 
     g.student = student
     g.who = f"{student.name} <{student.email}>"
-    if student.disabled:
+    # A disabled student may still read their own usage, not call the API.
+    if student.disabled and request.path.startswith("/v1/"):
         raise Forbidden(
             "Your key is disabled. Ask your teacher to enable it.", code="key_disabled"
         )

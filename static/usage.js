@@ -9,8 +9,8 @@ const SVG = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
 const formatNumber = (value) => (value == null ? "–" : numbers.format(value));
-const formatTime = (text) =>
-  text ? new Date(text).toLocaleString([], { dateStyle: "medium", timeStyle: "short" }) : "never";
+const TIME_FORMAT = { month: "short", day: "numeric", hour: "numeric", minute: "2-digit" };
+const formatTime = (text) => (text ? new Date(text).toLocaleString([], TIME_FORMAT) : "never");
 
 function parseDay(text) {
   const [year, month, day] = text.split("-").map(Number);
@@ -111,7 +111,7 @@ const MODEL_COLUMNS = [
 
 const RECENT_COLUMNS = [
   { name: "date", title: "Time", show: formatTime },
-  { name: "endpoint", title: "Endpoint" },
+  { name: "endpoint", title: "Endpoint", show: (value) => value.replace(/^\/v1\//, "") },
   { name: "model", title: "Model", show: (value) => value ?? "–" },
   { name: "total_tokens", title: "Tokens", number: true },
   { name: "status", title: "Status", number: true, bad: (row) => row.status >= 400 },
@@ -189,8 +189,11 @@ function makeSortable(table, columns, rows, firstColumn) {
     return column.value ? column.value(row) : row[name];
   };
   const draw = () => {
-    const sorted = [...rows].sort((a, b) => compare(valueOf(a, sortBy), valueOf(b, sortBy)));
-    if (descending) sorted.reverse();
+    // A stable sort: ties keep the proxy's order, as in the CSV download.
+    const direction = descending ? -1 : 1;
+    const sorted = [...rows].sort(
+      (a, b) => direction * compare(valueOf(a, sortBy), valueOf(b, sortBy)),
+    );
     fillTable(table, columns, sorted, "No students in keys.json yet.");
     for (const th of table.tHead.rows[0].cells) {
       const title = th.textContent;
@@ -234,8 +237,9 @@ async function downloadCsv(key) {
 }
 
 function drawChart(box, days) {
-  const width = 720;
-  const height = 220;
+  // Drawn at the box's own width so labels keep their size on a phone.
+  const width = Math.max(box.clientWidth, 280);
+  const height = width < 500 ? 180 : 220;
   const left = 56;
   const bottom = 24;
   const top = 12;
@@ -265,8 +269,11 @@ function drawChart(box, days) {
     tip.textContent = `${formatDay(day.date)}: ${formatNumber(day.total_tokens)} tokens, ${formatNumber(day.requests)} requests`;
     bar.append(tip);
     svg.append(bar);
-    if (index % 7 === 0 || index === days.length - 1) {
-      svg.append(svgLabel(formatDay(day.date), left + index * step + step / 2, height - 6, "middle"));
+    const fromEnd = days.length - 1 - index;
+    if (fromEnd % (width < 500 ? 14 : 7) === 0) {
+      const anchor = fromEnd === 0 ? "end" : "middle";
+      const x = fromEnd === 0 ? width : left + index * step + step / 2;
+      svg.append(svgLabel(formatDay(day.date), x, height - 6, anchor));
     }
   });
   svg.append(svgElement("line", { class: "axis", x1: left, x2: width, y1: height - bottom, y2: height - bottom }));

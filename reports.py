@@ -319,6 +319,15 @@ def write_class_csv(people, file):
             "daily_budget_left": person["budget"]["daily"]["remaining"],
             "total_budget_left": person["budget"]["total"]["remaining"],
         }
-        writer.writerow(
-            ["" if row[name] is None else row[name] for name in CLASS_CSV_COLUMNS]
-        )
+        writer.writerow([_to_csv_cell(row[name]) for name in CLASS_CSV_COLUMNS])
+
+
+def _to_csv_cell(value):
+    if value is None:
+        return ""
+
+    # A spreadsheet would run a name like "=HYPERLINK(...)" as a formula.
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+
+    return value

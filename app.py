@@ -34,14 +34,17 @@ from forward import (
     relay,
     send_upstream,
 )
-from keys import KeyRing, read_presented_key
+from keys import KeyRing, find_admin_key, read_presented_key
 from metering import Meter, ask_for_stream_usage
+from page import register_page
 from uploads import MAX_BODY_BYTES as MAX_UPLOAD_BODY_BYTES
 from uploads import get_temp_folder, spool_upload, start_sweeper, sweep, upload_slot
 
 logger = logging.getLogger(__name__)
 
 FORWARDED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+# Paths that need a key: the API we forward, and the usage page's JSON.
+KEYED_PREFIXES = ("/v1/", "/api/")
 JSON_MIMETYPES = ("application/json",)
 # Response headers a browser page may read (rate limits, request ids).
 EXPOSED_HEADERS = [
@@ -94,6 +97,7 @@ def _register_handlers(app):
     app.after_request(finish_request)
     app.add_url_rule("/health", view_func=health)
     app.add_url_rule("/v1/<path:subpath>", view_func=proxy, methods=FORWARDED_METHODS)
+    register_page(app)
     app.register_error_handler(ProxyError, error_response)
     app.register_error_handler(HTTPException, _answer_http_exception)
     app.register_error_handler(Exception, _answer_unexpected_exception)
@@ -116,7 +120,7 @@ def authenticate():
     g.started = time.monotonic()
     g.student = None
     g.who = "-"
-    if request.method == "OPTIONS" or not request.path.startswith("/v1/"):
+    if request.method == "OPTIONS" or not request.path.startswith(KEYED_PREFIXES):
         return
 
     keyring = current_app.extensions["keyring"]
@@ -130,6 +134,9 @@ def authenticate():
         )
 
     student = keyring.find(key)
+    if student is None and request.path.startswith("/api/"):
+        student = find_admin_key(key, current_app.config["ADMIN_KEYS"])
+
     if student is None:
         g.who = "(unknown key)"
         raise MissingKey(
@@ -139,7 +146,8 @@ def authenticate():
 
     g.student = student
     g.who = f"{student.name} <{student.email}>"
-    if student.disabled:
+    # A disabled student may still read their own usage, not call the API.
+    if student.disabled and request.path.startswith("/v1/"):
         raise Forbidden(
             "Your key is disabled. Ask your teacher to enable it.", code="key_disabled"
         )

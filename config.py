@@ -31,6 +31,9 @@ DEFAULTS = {
     "TRUSTED_PROXIES": 0,
     "ACCESS_LOG_MAX_MB": 100,
     "ACCESS_LOG_BACKUPS": 5,
+    # Teacher keys that may read the whole class's usage, besides keys.json
+    # entries with "role": "admin". They are not API keys: /v1/ refuses them.
+    "ADMIN_KEYS": [],
 }
 
 REQUIRED = ("OPENAI_API_KEY",)
@@ -123,10 +126,15 @@ def _parse_env_value(name, raw, default):
         except ValueError as error:
             raise ConfigError(f"environment variable {name} must be a number") from error
 
-    if name == "CORS_ORIGINS" and raw != "*":
-        return [origin.strip() for origin in raw.split(",") if origin.strip()]
+    # Lists come as comma-separated text.
+    if name == "ADMIN_KEYS" or (name == "CORS_ORIGINS" and raw != "*"):
+        return _split_list(raw)
 
     return raw
+
+
+def _split_list(raw):
+    return [item.strip() for item in raw.split(",") if item.strip()]
 
 
 def _check(settings, required):
@@ -155,6 +163,12 @@ def _check(settings, required):
         isinstance(origins, list) and all(isinstance(o, str) for o in origins)
     ):
         raise ConfigError('CORS_ORIGINS must be "*" or a list of origins')
+
+    admin_keys = settings["ADMIN_KEYS"]
+    if not isinstance(admin_keys, list) or not all(
+        isinstance(key, str) and key.strip() for key in admin_keys
+    ):
+        raise ConfigError('ADMIN_KEYS must be a list of keys, like ["sk-teacher-..."]')
 
 
 def _is_positive_number(value):

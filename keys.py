@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 KEY_PREFIX = "sk-proxy-"
 HELP_ADD_KEY = "add students with: python create.py NAME EMAIL"
+ROLES = ("student", "admin")
 
 
 class KeysFileError(Exception):
@@ -93,6 +94,25 @@ def _check_entry(entry, number, source):
 
     if not isinstance(entry.get("disabled", False), bool):
         raise KeysFileError(f"{source}: entry {number} 'disabled' must be true or false")
+
+    if entry.get("role", "student") not in ROLES:
+        raise KeysFileError(f"{source}: entry {number} 'role' must be one of {ROLES}")
+
+
+def is_admin(student):
+    """Tell whether a Student may read the whole class's usage."""
+    return student.entry.get("role") == "admin"
+
+
+def find_admin_key(key, admin_keys):
+    """Return a teacher Student for a key listed in ADMIN_KEYS, or None."""
+    wanted = fingerprint(key)
+    if wanted not in {fingerprint(admin_key) for admin_key in admin_keys}:
+        return None
+
+    return Student(
+        name="Teacher", email="(ADMIN_KEYS)", fingerprint=wanted, entry={"role": "admin"}
+    )
 
 
 def index_students(entries):

@@ -76,10 +76,11 @@ function renderStudent(report) {
   }
   $("disabled-note").hidden = !report.disabled;
   renderBudget(report.budget);
-  drawChart($("student-chart"), report.days);
   fillTable($("student-models"), MODEL_COLUMNS, report.models, "No requests yet.");
   fillTable($("recent"), RECENT_COLUMNS, report.recent, "No requests yet.");
+  // Shown before drawing: a hidden box has no width to draw the chart at.
   $("student-view").hidden = false;
+  drawChart($("student-chart"), report.days);
 }
 
 function renderBudget(budget) {
@@ -175,10 +176,10 @@ function renderClass(report, key) {
   $("class-requests").textContent = formatNumber(report.totals.requests);
   $("class-tokens").textContent = formatNumber(report.totals.total_tokens);
   makeSortable($("class-table"), CLASS_COLUMNS, rows, "total_tokens");
-  drawChart($("class-chart"), report.days);
   fillTable($("class-models"), MODEL_COLUMNS, report.models, "No requests yet.");
   $("download-csv").onclick = () => downloadCsv(key);
   $("class-view").hidden = false;
+  drawChart($("class-chart"), report.days);
 }
 
 function makeSortable(table, columns, rows, firstColumn) {

@@ -11,6 +11,7 @@ from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import controls
 import db
 from accesslog import describe_json_body, init_access_log, write_access_line
 from config import get_data_path, load_settings
@@ -51,6 +52,10 @@ EXPOSED_HEADERS = [
     "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-requests",
     "x-ratelimit-reset-tokens",
+    # flask-limiter's, for the proxy's own request limits.
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
 ]
 
 
@@ -78,6 +83,7 @@ def create_app(config=None):
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings["TRUSTED_PROXIES"])
 
     _register_handlers(app)
+    controls.init_app(app, config)
     _warn_about_unsafe_settings(settings)
     logger.info(
         "proxy ready upstream=%s data=%s", settings["OPENAI_BASE_URL"], settings["DATA_DIR"]
@@ -140,6 +146,8 @@ def authenticate():
             "Your key is disabled. Ask your teacher to enable it.", code="key_disabled"
         )
 
+    controls.check_student(student, request.path)
+
 
 def proxy(subpath):
     """Forward one /v1/ request upstream and stream the answer back."""
@@ -148,9 +156,12 @@ def proxy(subpath):
     body, payload = _read_body()
     meter = Meter()
     if isinstance(payload, dict):
+        changed = controls.apply_model_rules(payload)
         g.model = payload.get("model") if isinstance(payload.get("model"), str) else None
         if ask_for_stream_usage(subpath, payload):
-            meter.strip_usage_chunk = True
+            meter.strip_usage_chunk = changed = True
+
+        if changed:
             body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
     g.meter = meter
@@ -195,7 +206,13 @@ def _read_body():
     if mimetype == "multipart/form-data":
         # TODO: spool uploads to disk instead of streaming them (issue 3).
         g.body = f'"<multipart, {request.content_length} bytes>"'
-        return request.stream, None
+        if not controls.is_model_checked():
+            return request.stream, None
+
+        boundary = request.mimetype_params.get("boundary", "")
+        spool, g.model = controls.spool_multipart_model(request.stream, boundary)
+        controls.check_model(g.model)
+        return spool, None
 
     raise UnsupportedMediaType(
         "Send the request body as JSON with 'Content-Type: application/json' "

@@ -20,6 +20,7 @@ import secrets
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from datetime import date
 
 from filelock import FileLock
 
@@ -93,6 +94,31 @@ def _check_entry(entry, number, source):
 
     if not isinstance(entry.get("disabled", False), bool):
         raise KeysFileError(f"{source}: entry {number} 'disabled' must be true or false")
+
+    for name in ("daily_token_budget", "total_token_budget"):
+        if not is_budget(entry.get(name)):
+            raise KeysFileError(
+                f"{source}: entry {number} {name!r} must be a whole number >= 0 or null"
+            )
+
+    if "expires" in entry and not is_day(entry["expires"]):
+        raise KeysFileError(f"{source}: entry {number} 'expires' must read YYYY-MM-DD")
+
+
+def is_budget(value):
+    """Tell whether `value` is a token budget: None (unlimited) or an int >= 0."""
+    if value is None:
+        return True
+
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_day(value):
+    """Tell whether `value` is a YYYY-MM-DD date."""
+    try:
+        return date.fromisoformat(value).isoformat() == value
+    except (TypeError, ValueError):
+        return False
 
 
 def index_students(entries):

@@ -16,8 +16,20 @@ from conftest import PROJECT_DIR, add_student, wait_for_usage_rows
 UNLIMITED = {"RATE_LIMIT_PER_STUDENT": None, "MAX_CONCURRENT_PER_STUDENT": None}
 
 
-def make_client(proxy, student):
-    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=student.key, max_retries=0)
+@pytest.fixture
+def make_client():
+    """Build openai SDK clients for a proxy and student; closed after the test."""
+    made = []
+
+    def build(proxy, student):
+        made.append(
+            openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=student.key, max_retries=0)
+        )
+        return made[-1]
+
+    yield build
+    for client in made:
+        client.close()
 
 
 def stream_once(client, headers):
@@ -54,7 +66,7 @@ def read_tokens(usage_path, fingerprint_value):
 
 
 def test_budget_runs_out_mid_burst_and_overshoots_only_by_requests_in_flight(
-    proxy_factory, upstream
+    proxy_factory, upstream, make_client
 ):
     budget, senders, tokens_each = 300, 6, 14
     proxy = proxy_factory(workers=3, DAILY_TOKEN_BUDGET=budget, **UNLIMITED)
@@ -76,7 +88,7 @@ def test_budget_runs_out_mid_burst_and_overshoots_only_by_requests_in_flight(
     assert len(upstream.requests()) == admitted
 
 
-def test_used_up_budget_says_which_and_when_it_resets(proxy_factory, upstream):
+def test_used_up_budget_says_which_and_when_it_resets(proxy_factory, upstream, make_client):
     proxy = proxy_factory(DAILY_TOKEN_BUDGET=10, BUDGET_TIMEZONE="Asia/Tokyo")
     student = add_student(proxy.keys_path)
     capped = add_student(proxy.keys_path, total_token_budget=10, daily_token_budget=None)
@@ -152,7 +164,7 @@ def test_global_rate_limit_counts_every_student_together(proxy_factory, upstream
     assert "for everyone together" in next(r for _, r in results if r)[1]["error"]["message"]
 
 
-def test_concurrent_requests_per_student_are_capped(proxy_factory, upstream):
+def test_concurrent_requests_per_student_are_capped(proxy_factory, upstream, make_client):
     proxy = proxy_factory(MAX_CONCURRENT_PER_STUDENT=2)
     student = add_student(proxy.keys_path)
     client = make_client(proxy, student)
@@ -167,7 +179,9 @@ def test_concurrent_requests_per_student_are_capped(proxy_factory, upstream):
     assert [stream_once(client, {}) for _ in range(3)] == ["ok"] * 3
 
 
-def test_allowlist_refuses_a_model_in_json_and_in_multipart(proxy_factory, upstream):
+def test_allowlist_refuses_a_model_in_json_and_in_multipart(
+    proxy_factory, upstream, make_client
+):
     proxy = proxy_factory(
         ALLOWED_MODELS=["gpt-4o-mini", "whisper-*"], DEFAULT_MODEL="gpt-4o-mini"
     )
@@ -204,7 +218,7 @@ def test_default_model_fills_a_request_naming_none(proxy_factory, upstream):
     assert upstream.requests()[0]["json"]["model"] == "gpt-4o-mini"
 
 
-def test_endpoint_allowlist_names_what_is_allowed(proxy_factory, upstream):
+def test_endpoint_allowlist_names_what_is_allowed(proxy_factory, upstream, make_client):
     proxy = proxy_factory(ALLOWED_ENDPOINTS=["chat/completions", "/v1/models"])
     client = make_client(proxy, add_student(proxy.keys_path))
 
@@ -217,7 +231,7 @@ def test_endpoint_allowlist_names_what_is_allowed(proxy_factory, upstream):
     assert models.data
 
 
-def test_expired_key_is_refused_and_a_later_date_is_not(proxy, upstream):
+def test_expired_key_is_refused_and_a_later_date_is_not(proxy, upstream, make_client):
     expired = add_student(proxy.keys_path, expires="2000-01-31")
     current = add_student(proxy.keys_path, expires="2999-12-31")
 
@@ -243,7 +257,7 @@ def run_create(proxy, *args):
     )
 
 
-def test_disabled_key_is_switched_back_on_with_create(proxy, upstream):
+def test_disabled_key_is_switched_back_on_with_create(proxy, upstream, make_client):
     student = add_student(proxy.keys_path, disabled=True)
     client = make_client(proxy, student)
     with pytest.raises(openai.PermissionDeniedError):
@@ -271,7 +285,9 @@ def test_create_sets_budgets_and_expiry_on_a_new_key(proxy):
     assert "total_token_budget" not in entry
 
 
-def test_settings_reload_and_a_bad_value_keeps_the_last_good(proxy_factory, upstream):
+def test_settings_reload_and_a_bad_value_keeps_the_last_good(
+    proxy_factory, upstream, make_client
+):
     proxy = proxy_factory(workers=2)
     client = make_client(proxy, add_student(proxy.keys_path))
     config_path = proxy.data_dir / "config.json"

@@ -50,6 +50,9 @@ def get_limit(student, settings, period):
 
 def check_budget(student, usage_db, settings):
     """Raise QuotaExceeded if the student has used up a budget."""
+    if all(get_limit(student, settings, p) is None for p in ("daily", "total")):
+        return
+
     status = get_budget_status(student, usage_db, settings)
     daily, total = status["daily"], status["total"]
     if total["remaining"] == 0:

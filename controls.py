@@ -73,6 +73,7 @@ def init_app(app, overrides=None):
 
     app.after_request(_finish_request)
     app.extensions["limiter"] = _init_limiter(app)
+    app.after_request(_remember_retry_after)
     app.before_request(_hold_slot)
     app.register_error_handler(RateLimitExceeded, _answer_rate_limited)
 
@@ -312,6 +313,7 @@ def _get_student_key():
 
 
 def _answer_rate_limited(error):
+    g.rate_limited = True
     limit = error.limit.limit
     who = "for everyone together" if error.limit.scope == "global" else "per student"
     return error_response(
@@ -342,10 +344,21 @@ def _hold_slot():
     g.slot = (storage, key)
 
 
+def _remember_retry_after(response):
+    # Runs just before flask-limiter's after_request, which sets Retry-After
+    # on every response; _finish_request puts back what was there.
+    g.retry_after = response.headers.get("Retry-After")
+    return response
+
+
 def _finish_request(response):
     # Registered before flask-limiter's own after_request, so it runs after it.
     if g.get("refused_slot"):
         response.headers["Retry-After"] = "1"
+    elif not g.get("rate_limited") and "retry_after" in g:
+        response.headers.pop("Retry-After", None)
+        if g.retry_after is not None:
+            response.headers["Retry-After"] = g.retry_after
 
     if g.get("slot") is not None:
         storage, key = g.pop("slot")

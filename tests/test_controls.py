@@ -313,3 +313,20 @@ def refused_model(client, model):
         return True
 
     return False
+
+
+def test_retry_after_is_ours_only_on_our_refusals(proxy_factory, upstream):
+    proxy = proxy_factory(RATE_LIMIT_PER_STUDENT="50/minute")
+    student = add_student(proxy.keys_path)
+    headers = {"Authorization": f"Bearer {student.key}"}
+
+    answered = requests.get(f"{proxy.url}/v1/models", headers=headers, timeout=10)
+    busy = requests.get(
+        f"{proxy.url}/v1/models", headers={**headers, "x-fake-status": "429"}, timeout=10
+    )
+
+    assert answered.status_code == 200
+    assert "Retry-After" not in answered.headers
+    assert answered.headers["X-RateLimit-Remaining"] == "49"
+    assert busy.status_code == 429
+    assert busy.headers["Retry-After"] == "0"  # the upstream's, unchanged

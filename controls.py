@@ -8,7 +8,9 @@ concurrent requests; in the view, the model. Request limits count in
 RATE_LIMIT_STORAGE_URI names another storage, such as Redis.
 
 config.json is stat-ed on every request, like keys.json, and re-read when it
-changed; a bad value is logged once and the last good settings stay.
+changed; a bad value is logged once per worker and the last good settings
+stay. A keys.json `role` plays no part here: an admin key meets the same
+limits, and a teacher who wants more gives that entry its own budgets.
 """
 
 import fnmatch

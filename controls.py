@@ -144,8 +144,9 @@ class SettingsWatcher:
 
         with self._lock:
             if signature != self._signature:
-                self._signature = signature
                 self._reload()
+                # Only now: a thread seeing the new signature skips the lock.
+                self._signature = signature
 
     def _reload(self):
         try:

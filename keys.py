@@ -184,15 +184,18 @@ class KeyRing:
 
     def _reload(self, signature):
         # Remember the signature even when the file is bad, so one bad save
-        # logs one error instead of one per request.
-        self._signature = signature
+        # logs one error instead of one per request. On success, only after
+        # the new keys are in place: a thread that sees the new signature
+        # skips the lock and must find the new keys.
         try:
             entries = parse_keys(_read(self.path), self.path)
         except (OSError, KeysFileError) as error:
+            self._signature = signature
             logger.error("keeping the previous keys: %s", error)
             return
 
         self._students = index_students(entries)
+        self._signature = signature
         logger.info("reloaded keys path=%s students=%d", self.path, len(entries))
 
 

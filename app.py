@@ -12,6 +12,7 @@ from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import controls
 import db
 from accesslog import describe_json_body, init_access_log, write_access_line
 from config import get_data_path, load_settings
@@ -57,6 +58,10 @@ EXPOSED_HEADERS = [
     "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-requests",
     "x-ratelimit-reset-tokens",
+    # flask-limiter's, for the proxy's own request limits.
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
 ]
 
 
@@ -85,6 +90,7 @@ def create_app(config=None):
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings["TRUSTED_PROXIES"])
 
     _register_handlers(app)
+    controls.init_app(app, config)
     _warn_about_unsafe_settings(settings)
     logger.info(
         "proxy ready upstream=%s data=%s", settings["OPENAI_BASE_URL"], settings["DATA_DIR"]
@@ -152,6 +158,8 @@ def authenticate():
             "Your key is disabled. Ask your teacher to enable it.", code="key_disabled"
         )
 
+    controls.check_student(student, request.path)
+
 
 def proxy(subpath):
     """Forward one /v1/ request upstream and stream the answer back."""
@@ -216,9 +224,12 @@ def _read_json_body(subpath, meter):
     if not isinstance(payload, dict):
         return raw
 
+    changed = controls.apply_model_rules(payload)
     g.model = payload.get("model") if isinstance(payload.get("model"), str) else None
     if ask_for_stream_usage(subpath, payload):
-        meter.strip_usage_chunk = True
+        meter.strip_usage_chunk = changed = True
+
+    if changed:
         raw = json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
     return raw
@@ -227,7 +238,7 @@ def _read_json_body(subpath, meter):
 def _spool_multipart_body(subpath, cleanup):
     folder = get_temp_folder(current_app.config["DATA_DIR"])
     start_sweeper(folder)
-    cleanup.enter_context(upload_slot(folder, g.student.fingerprint))
+    cleanup.enter_context(upload_slot(current_app.config["DATA_DIR"], g.student.fingerprint))
     # Several files of up to 50 MB each: the JSON limit does not apply here.
     request.max_content_length = MAX_UPLOAD_BODY_BYTES
     upload = cleanup.enter_context(
@@ -235,6 +246,7 @@ def _spool_multipart_body(subpath, cleanup):
     )
     g.body = json.dumps(upload.describe())
     g.model = upload.fields.get("model")
+    controls.check_model(g.model)
     return cleanup.enter_context(open(upload.path, "rb"))
 
 

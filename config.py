@@ -34,9 +34,30 @@ DEFAULTS = {
     # Teacher keys that may read the whole class's usage, besides keys.json
     # entries with "role": "admin". They are not API keys: /v1/ refuses them.
     "ADMIN_KEYS": [],
+    # Classroom controls (controls.py). Token budgets: null means unlimited;
+    # a student's keys.json entry may override them.
+    "DAILY_TOKEN_BUDGET": None,
+    "TOTAL_TOKEN_BUDGET": None,
+    # IANA zone whose midnight starts a new budget day, e.g. "Europe/Paris".
+    "BUDGET_TIMEZONE": "UTC",
+    # flask-limiter limit strings ("60/minute;1000/day"); null means no limit.
+    "RATE_LIMIT_PER_STUDENT": "60/minute",
+    "RATE_LIMIT_GLOBAL": None,
+    "MAX_CONCURRENT_PER_STUDENT": 10,
+    # Where request counts live; null is a SQLite file in DATA_DIR, shared by
+    # every worker on this machine. Several machines: "redis://host:6379".
+    "RATE_LIMIT_STORAGE_URI": None,
+    # Allowed endpoints ("chat/completions") and models ("gpt-4o-mini*");
+    # null allows all. DEFAULT_MODEL fills JSON requests that name none.
+    "ALLOWED_ENDPOINTS": None,
+    "ALLOWED_MODELS": None,
+    "DEFAULT_MODEL": None,
 }
 
 REQUIRED = ("OPENAI_API_KEY",)
+# How environment variables spell settings whose default is null.
+WHOLE_NUMBER_SETTINGS = ("DAILY_TOKEN_BUDGET", "TOTAL_TOKEN_BUDGET")
+LIST_SETTINGS = ("CORS_ORIGINS", "ADMIN_KEYS", "ALLOWED_ENDPOINTS", "ALLOWED_MODELS")
 DEFAULTS_EXAMPLE = '{"OPENAI_API_KEY": "sk-..."}'
 
 
@@ -120,14 +141,16 @@ def _read_environment(environ):
 
 
 def _parse_env_value(name, raw, default):
+    if name in WHOLE_NUMBER_SETTINGS:
+        default = 0
+
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         try:
             return type(default)(raw)
         except ValueError as error:
             raise ConfigError(f"environment variable {name} must be a number") from error
 
-    # Lists come as comma-separated text.
-    if name == "ADMIN_KEYS" or (name == "CORS_ORIGINS" and raw != "*"):
+    if name in LIST_SETTINGS and raw != "*":
         return _split_list(raw)
 
     return raw

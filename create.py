@@ -1,4 +1,7 @@
-"""Make student keys: `python create.py NAME EMAIL` or `--csv roster.csv`."""
+"""Make student keys: `python create.py NAME EMAIL` or `--csv roster.csv`.
+
+Also switches a student off and on: `--disable EMAIL`, `--enable EMAIL`.
+"""
 
 import csv
 import json
@@ -6,7 +9,7 @@ import json
 import click
 
 from config import ConfigError, get_data_path, load_settings
-from keys import KeysFileError, generate_key, is_valid_email, update_keys
+from keys import KeysFileError, generate_key, is_day, is_valid_email, update_keys
 
 
 def get_keys_path():
@@ -19,8 +22,11 @@ def get_keys_path():
     return str(get_data_path(settings, "keys.json"))
 
 
-def add_students(path, people):
-    """Add (name, email) pairs not yet in keys.json; return (added, skipped)."""
+def add_students(path, people, extra=None):
+    """Add (name, email) pairs not yet in keys.json; return (added, skipped).
+
+    `extra` holds fields every new entry gets (budgets, expiry).
+    """
 
     def change(entries):
         known = {entry["email"].lower() for entry in entries}
@@ -30,7 +36,7 @@ def add_students(path, people):
                 skipped.append(email)
                 continue
 
-            entry = {"key": generate_key(), "name": name, "email": email}
+            entry = {"key": generate_key(), "name": name, "email": email, **(extra or {})}
             entries.append(entry)
             known.add(email.lower())
             added.append(entry)
@@ -41,6 +47,30 @@ def add_students(path, people):
         return update_keys(path, change)
     except KeysFileError as error:
         raise click.ClickException(f"{error}; fix it before adding keys") from error
+
+
+def set_disabled(path, email, disabled):
+    """Disable or enable every key of `email`; return how many entries changed."""
+
+    def change(entries):
+        matching = [e for e in entries if e["email"].lower() == email.lower()]
+        for entry in matching:
+            if disabled:
+                entry["disabled"] = True
+            else:
+                entry.pop("disabled", None)
+
+        return len(matching)
+
+    try:
+        changed = update_keys(path, change)
+    except KeysFileError as error:
+        raise click.ClickException(f"{error}; fix it first") from error
+
+    if not changed:
+        raise click.ClickException(f"no key in keys.json belongs to {email}")
+
+    return changed
 
 
 def read_roster(file):
@@ -77,12 +107,25 @@ def _check_person(name, email, where=""):
     type=click.File(encoding="utf-8-sig"),
     help="Add everyone in a CSV file with name,email columns.",
 )
-def main(name, email, roster):
+@click.option("--daily-budget", type=click.IntRange(min=0), help="Tokens per day.")
+@click.option("--total-budget", type=click.IntRange(min=0), help="Tokens in total.")
+@click.option("--expires", metavar="YYYY-MM-DD", help="Last day the key works.")
+@click.option("--disable", "to_disable", metavar="EMAIL", help="Switch a student off.")
+@click.option("--enable", "to_enable", metavar="EMAIL", help="Switch a student on again.")
+def main(name, email, roster, daily_budget, total_budget, expires, to_disable, to_enable):
     """Make a key for a student and add it to keys.json.
 
     NAME and EMAIL are both required, unless --csv gives a whole class.
-    The proxy picks up the new key on its next request; no restart needed.
+    Budgets and --expires override config.json's defaults for the new keys.
+    The proxy picks up every change on its next request; no restart needed.
     """
+    if to_disable or to_enable:
+        _switch(to_disable, to_enable, name or email or roster)
+        return
+
+    if expires is not None and not is_day(expires):
+        raise click.BadParameter(f"{expires!r} is not a YYYY-MM-DD date", param_hint="--expires")
+
     if roster is None and not (name and email):
         raise click.UsageError("give a NAME and an EMAIL, or --csv FILE")
 
@@ -95,11 +138,30 @@ def main(name, email, roster):
     else:
         people = read_roster(roster)
 
-    added, skipped = add_students(get_keys_path(), people)
+    extra = {
+        field: value
+        for field, value in (
+            ("daily_token_budget", daily_budget),
+            ("total_token_budget", total_budget),
+            ("expires", expires),
+        )
+        if value is not None
+    }
+    added, skipped = add_students(get_keys_path(), people, extra)
     if roster is None:
         _echo_single(added, email)
     else:
         _echo_roster(added, skipped)
+
+
+def _switch(to_disable, to_enable, other):
+    if (to_disable and to_enable) or other:
+        raise click.UsageError("--disable and --enable take one EMAIL and nothing else")
+
+    email = to_disable or to_enable
+    changed = set_disabled(get_keys_path(), email, disabled=bool(to_disable))
+    state = "disabled" if to_disable else "enabled"
+    click.echo(f"{state} {email} ({changed} key{'s' if changed > 1 else ''})")
 
 
 def _echo_single(added, email):

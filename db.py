@@ -19,6 +19,8 @@ import sqlite3
 import threading
 import time
 from dataclasses import astuple, dataclass, fields
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
 
 from keys import fingerprint
 
@@ -70,12 +72,29 @@ def _index_student_and_date(connection):
     connection.execute("CREATE INDEX IF NOT EXISTS usage_by_date ON usage_log (date)")
 
 
+def _add_token_totals(connection):
+    connection.execute(
+        "CREATE TABLE IF NOT EXISTS token_totals ("
+        " api_key TEXT NOT NULL, day TEXT NOT NULL, tokens INTEGER NOT NULL,"
+        " PRIMARY KEY (api_key, day)) WITHOUT ROWID"
+    )
+    connection.execute("CREATE TABLE IF NOT EXISTS token_totals_zone (name TEXT)")
+    _rebuild_token_totals(connection, "UTC")
+
+
 # Applied in order; PRAGMA user_version counts the steps a file has had.
 MIGRATIONS = (
     _create_node_table,
     _add_request_columns,
     _hash_node_keys,
     _index_student_and_date,
+    _add_token_totals,
+)
+
+TOTAL_DAY = "all"
+ADD_TOKENS = (
+    "INSERT INTO token_totals (api_key, day, tokens) VALUES (?, ?, ?)"
+    " ON CONFLICT (api_key, day) DO UPDATE SET tokens = tokens + excluded.tokens"
 )
 
 
@@ -149,7 +168,7 @@ def init_db(path):
 
 
 def record_usage(path, row):
-    """Insert one usage row, retrying while other writers hold the lock.
+    """Insert one usage row and add it to the running totals, retrying while locked.
 
     Never raises: a row that cannot be written is logged with its facts, so
     the teacher can still account for it.
@@ -157,7 +176,7 @@ def record_usage(path, row):
     error = None
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
-            get_db(path).execute(INSERT_ROW, astuple(row))
+            _insert_with_totals(get_db(path), row)
             return True
         except sqlite3.Error as failure:
             error = failure
@@ -176,3 +195,81 @@ def record_usage(path, row):
         error,
     )
     return False
+
+
+def _insert_with_totals(connection, row):
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        connection.execute(INSERT_ROW, astuple(row))
+        if row.api_key is not None:
+            zone = connection.execute("SELECT name FROM token_totals_zone").fetchone()
+            tokens = row.total_tokens or 0
+            day = get_local_day(row.date, zone[0] if zone else "UTC")
+            connection.executemany(
+                ADD_TOKENS, [(row.api_key, day, tokens), (row.api_key, TOTAL_DAY, tokens)]
+            )
+
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+
+
+def get_local_day(date, zone_name):
+    """Return the YYYY-MM-DD date, in zone `zone_name`, of an ISO 8601 UTC time."""
+    try:
+        moment = datetime.fromisoformat(date)
+    except (TypeError, ValueError):
+        return str(date)[:10]
+
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+
+    return moment.astimezone(ZoneInfo(zone_name)).date().isoformat()
+
+
+def read_token_totals(path, api_key, day):
+    """Return (tokens on `day`, tokens in total) for one key: two row reads."""
+    found = dict(
+        get_db(path).execute(
+            "SELECT day, tokens FROM token_totals WHERE api_key = ? AND day IN (?, ?)",
+            (api_key, day, TOTAL_DAY),
+        )
+    )
+    return found.get(day, 0), found.get(TOTAL_DAY, 0)
+
+
+def use_budget_timezone(path, zone_name):
+    """Make the daily totals count days in `zone_name`, rebuilding them if needed.
+
+    The rebuild reads every usage row once; it runs only when the zone
+    changes, inside one write transaction, so other workers wait for it.
+    """
+    connection = connect(path)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        zone = connection.execute("SELECT name FROM token_totals_zone").fetchone()
+        if zone is None or zone[0] != zone_name:
+            _rebuild_token_totals(connection, zone_name)
+            logger.info("rebuilt daily token totals timezone=%s", zone_name)
+
+        connection.execute("COMMIT")
+    finally:
+        connection.close()
+
+
+def _rebuild_token_totals(connection, zone_name):
+    connection.create_function(
+        "local_day", 1, lambda date: get_local_day(date, zone_name), deterministic=True
+    )
+    connection.execute("DELETE FROM token_totals")
+    connection.execute(
+        "INSERT INTO token_totals (api_key, day, tokens)"
+        " SELECT api_key, local_day(date), SUM(COALESCE(total_tokens, 0))"
+        " FROM usage_log WHERE api_key IS NOT NULL GROUP BY 1, 2"
+        " UNION ALL SELECT api_key, ?, SUM(COALESCE(total_tokens, 0))"
+        " FROM usage_log WHERE api_key IS NOT NULL GROUP BY 1",
+        (TOTAL_DAY,),
+    )
+    connection.execute("DELETE FROM token_totals_zone")
+    connection.execute("INSERT INTO token_totals_zone (name) VALUES (?)", (zone_name,))

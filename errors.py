@@ -71,6 +71,23 @@ class UnsupportedMediaType(ProxyError):
     code = "unsupported_media_type"
 
 
+class QuotaExceeded(ProxyError):
+    """A token budget is used up; retrying before it resets cannot help."""
+
+    status = 429
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class RateLimited(ProxyError):
+    """Too many requests for now; retrying after Retry-After will work."""
+
+    status = 429
+    error_type = "requests"
+    code = "rate_limit_exceeded"
+    should_retry = True
+
+
 class UpstreamError(ProxyError):
     """The upstream could not be reached or refused the proxy itself."""
 

@@ -20,6 +20,7 @@ import secrets
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from datetime import date
 
 from filelock import FileLock
 
@@ -97,6 +98,31 @@ def _check_entry(entry, number, source):
 
     if entry.get("role", "student") not in ROLES:
         raise KeysFileError(f"{source}: entry {number} 'role' must be one of {ROLES}")
+
+    for name in ("daily_token_budget", "total_token_budget"):
+        if not is_budget(entry.get(name)):
+            raise KeysFileError(
+                f"{source}: entry {number} {name!r} must be a whole number >= 0 or null"
+            )
+
+    if "expires" in entry and not is_day(entry["expires"]):
+        raise KeysFileError(f"{source}: entry {number} 'expires' must read YYYY-MM-DD")
+
+
+def is_budget(value):
+    """Tell whether `value` is a token budget: None (unlimited) or an int >= 0."""
+    if value is None:
+        return True
+
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_day(value):
+    """Tell whether `value` is a YYYY-MM-DD date."""
+    try:
+        return date.fromisoformat(value).isoformat() == value
+    except (TypeError, ValueError):
+        return False
 
 
 def is_admin(student):
@@ -178,15 +204,18 @@ class KeyRing:
 
     def _reload(self, signature):
         # Remember the signature even when the file is bad, so one bad save
-        # logs one error instead of one per request.
-        self._signature = signature
+        # logs one error instead of one per request. On success, only after
+        # the new keys are in place: a thread that sees the new signature
+        # skips the lock and must find the new keys.
         try:
             entries = parse_keys(_read(self.path), self.path)
         except (OSError, KeysFileError) as error:
+            self._signature = signature
             logger.error("keeping the previous keys: %s", error)
             return
 
         self._students = index_students(entries)
+        self._signature = signature
         logger.info("reloaded keys path=%s students=%d", self.path, len(entries))
 
 

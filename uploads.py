@@ -6,9 +6,8 @@ files, size per file, audio formats, the `file` field) are checked on the
 way in, without a second pass and without holding a file in memory. The
 spooled body is then sent upstream from disk exactly as the client sent it.
 
-A student's uploads in flight are counted with one lock file per slot:
-the operating system releases a process's locks when it dies, so a worker
-that crashes mid-upload cannot keep a student's slot taken.
+A student's uploads in flight are counted with slots.py's lock files, which
+a crashed worker cannot keep taken.
 """
 
 import logging
@@ -20,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filelock import FileLock, Timeout
 from werkzeug.sansio.multipart import (
     Data,
     Epilogue,
@@ -31,11 +29,11 @@ from werkzeug.sansio.multipart import (
 )
 
 from errors import BadRequest, ProxyError, TooLarge
+from slots import get_slots_folder, take_slot
 
 logger = logging.getLogger(__name__)
 
 TEMP_FOLDER_NAME = "temp-uploads"
-SLOTS_FOLDER_NAME = ".slots"
 MAX_FILES = 5
 MAX_FILE_BYTES = 50 * 1024 * 1024
 MAX_UPLOADS_PER_STUDENT = 10
@@ -88,34 +86,26 @@ class SpooledUpload:
 def get_temp_folder(data_dir):
     """Return temp-uploads/ inside the data folder, creating it."""
     folder = Path(data_dir) / TEMP_FOLDER_NAME
-    (folder / SLOTS_FOLDER_NAME).mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
 @contextmanager
-def upload_slot(folder, student_fingerprint):
+def upload_slot(data_dir, student_fingerprint):
     """Hold one of the student's upload slots, or raise TooManyUploads."""
-    slots = Path(folder) / SLOTS_FOLDER_NAME
-    owner = student_fingerprint.removeprefix("sha256:")[:32]
-    for number in range(MAX_UPLOADS_PER_STUDENT):
-        lock = FileLock(slots / f"{owner}-{number}.lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            continue
+    owner = "upload-" + student_fingerprint.removeprefix("sha256:")[:32]
+    lock = take_slot(get_slots_folder(data_dir), owner, MAX_UPLOADS_PER_STUDENT)
+    if lock is None:
+        raise TooManyUploads(
+            f"You already have {MAX_UPLOADS_PER_STUDENT} uploads in progress. Wait "
+            "for one to finish, then try again.",
+            headers={"Retry-After": "5"},
+        )
 
-        try:
-            yield
-        finally:
-            lock.release()
-
-        return
-
-    raise TooManyUploads(
-        f"You already have {MAX_UPLOADS_PER_STUDENT} uploads in progress. Wait for "
-        "one to finish, then try again.",
-        headers={"Retry-After": "5"},
-    )
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager

@@ -1,0 +1,316 @@
+"""Classroom controls: budgets, request limits, allowlists, keys that end.
+
+Checks run in this order, cheapest refusal first: in `authenticate`, a
+disabled or expired key, a disallowed endpoint and a used-up budget; then
+flask-limiter's per-student and global request rates; then the student's
+concurrent requests; in the view, the model. Request limits count in
+`ratestore` (a SQLite file shared by all workers) unless
+RATE_LIMIT_STORAGE_URI names another storage, such as Redis.
+
+config.json is stat-ed on every request, like keys.json, and re-read when it
+changed; a bad value is logged once per worker and the last good settings
+stay. A keys.json `role` plays no part here: an admin key meets the same
+limits, and a teacher who wants more gives that entry its own budgets.
+"""
+
+import fnmatch
+import logging
+import os
+import threading
+from datetime import date, datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from flask import current_app, g
+from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
+from limits import parse_many
+
+import db
+import ratestore  # noqa: F401 (registers the sqlite:// storage scheme)
+from budgets import check_budget
+from config import ConfigError, get_config_path, get_data_path, load_settings
+from errors import Forbidden, RateLimited, error_response
+from keys import is_budget
+from slots import get_slots_folder, take_slot
+
+logger = logging.getLogger(__name__)
+
+# Settings a changed config.json applies at once; the others need a restart.
+RELOADED = (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "UPSTREAM_TIMEOUT",
+    "UPSTREAM_CONNECT_TIMEOUT",
+    "MAX_BODY_MB",
+    "DAILY_TOKEN_BUDGET",
+    "TOTAL_TOKEN_BUDGET",
+    "BUDGET_TIMEZONE",
+    "RATE_LIMIT_PER_STUDENT",
+    "RATE_LIMIT_GLOBAL",
+    "MAX_CONCURRENT_PER_STUDENT",
+    "ALLOWED_ENDPOINTS",
+    "ALLOWED_MODELS",
+    "DEFAULT_MODEL",
+)
+# A crashed worker cannot give its in-flight slots back; they lapse after this.
+MAX_MODEL_NAME_BYTES = 256
+COPY_CHUNK_BYTES = 64 * 1024
+
+
+def init_app(app, overrides=None):
+    """Check the control settings and install the checks; raise ConfigError."""
+    check_settings(app.config)
+    db.use_budget_timezone(app.config["USAGE_DB"], app.config["BUDGET_TIMEZONE"])
+    app.extensions["settings_watcher"] = SettingsWatcher(app, overrides)
+
+    app.after_request(_finish_request)
+    app.extensions["limiter"] = _init_limiter(app)
+    app.after_request(_remember_retry_after)
+    app.before_request(_hold_slot)
+    app.register_error_handler(RateLimitExceeded, _answer_rate_limited)
+
+
+def check_settings(settings):
+    """Raise ConfigError naming the first control setting that is wrong."""
+    for name in ("DAILY_TOKEN_BUDGET", "TOTAL_TOKEN_BUDGET"):
+        if not is_budget(settings[name]):
+            raise ConfigError(f"{name} must be a whole number >= 0, or null")
+
+    try:
+        ZoneInfo(settings["BUDGET_TIMEZONE"])
+    except (ZoneInfoNotFoundError, TypeError, ValueError) as error:
+        raise ConfigError(
+            'BUDGET_TIMEZONE must be an IANA time zone such as "Europe/Paris", '
+            f"not {settings['BUDGET_TIMEZONE']!r}"
+        ) from error
+
+    for name in ("RATE_LIMIT_PER_STUDENT", "RATE_LIMIT_GLOBAL"):
+        _check_rate(name, settings[name])
+
+    concurrent = settings["MAX_CONCURRENT_PER_STUDENT"]
+    if concurrent is not None and not (is_budget(concurrent) and concurrent > 0):
+        raise ConfigError("MAX_CONCURRENT_PER_STUDENT must be a whole number > 0, or null")
+
+    for name in ("ALLOWED_ENDPOINTS", "ALLOWED_MODELS"):
+        value = settings[name]
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+        ):
+            raise ConfigError(f"{name} must be a list of names, or null")
+
+    if settings["DEFAULT_MODEL"] is not None and not isinstance(
+        settings["DEFAULT_MODEL"], str
+    ):
+        raise ConfigError("DEFAULT_MODEL must be a model name, or null")
+
+
+def _check_rate(name, value):
+    if value is None:
+        return
+
+    try:
+        parse_many(value)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(
+            f'{name} must read like "60/minute" or "60/minute;1000/day", not {value!r}'
+        ) from error
+
+
+class SettingsWatcher:
+    """config.json, re-read when its stat changes; a bad file keeps the last good."""
+
+    def __init__(self, app, overrides):
+        self.app = app
+        self.overrides = overrides
+        self.path = get_config_path()
+        self._signature = _stat_signature(self.path)
+        self._lock = threading.Lock()
+
+    def refresh(self):
+        """Apply config.json if it changed since the last look; cheap otherwise."""
+        signature = _stat_signature(self.path)
+        if signature == self._signature:
+            return
+
+        with self._lock:
+            if signature != self._signature:
+                self._reload()
+                # Only now: a thread seeing the new signature skips the lock.
+                self._signature = signature
+
+    def _reload(self):
+        try:
+            settings = load_settings(overrides=self.overrides)
+            check_settings(settings)
+        except ConfigError as error:
+            logger.error("keeping the previous settings: %s", error)
+            return
+
+        if settings["BUDGET_TIMEZONE"] != self.app.config["BUDGET_TIMEZONE"]:
+            db.use_budget_timezone(self.app.config["USAGE_DB"], settings["BUDGET_TIMEZONE"])
+
+        changed = [n for n in settings if settings[n] != self.app.config.get(n)]
+        self.app.config.update({n: settings[n] for n in RELOADED})
+        self.app.config["MAX_CONTENT_LENGTH"] = int(settings["MAX_BODY_MB"] * 1024 * 1024)
+        waiting = sorted(set(changed) - set(RELOADED))
+        logger.info("reloaded settings path=%s changed=%s", self.path, ",".join(changed))
+        if waiting:
+            logger.warning("restart the proxy to apply: %s", ", ".join(waiting))
+
+
+def _stat_signature(path):
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def check_student(student, path):
+    """Refuse an expired key, a disallowed endpoint or a used-up budget."""
+    settings = current_app.config
+    current_app.extensions["settings_watcher"].refresh()
+    _check_expiry(student, settings["BUDGET_TIMEZONE"])
+    _check_endpoint(path.removeprefix("/v1/"), settings["ALLOWED_ENDPOINTS"])
+    check_budget(student, settings["USAGE_DB"], settings)
+
+
+def _check_expiry(student, zone_name):
+    expires = student.entry.get("expires")
+    today = datetime.now(ZoneInfo(zone_name)).date()
+    if expires is not None and today > date.fromisoformat(expires):
+        raise Forbidden(
+            f"Your key expired at the end of {expires} ({zone_name}). Ask your "
+            "teacher for a new key or a later end date.",
+            code="key_expired",
+        )
+
+
+def _check_endpoint(subpath, allowed):
+    if allowed is None:
+        return
+
+    names = [name.strip("/").removeprefix("v1/") for name in allowed]
+    if not any(subpath == name or subpath.startswith(name + "/") for name in names):
+        raise Forbidden(
+            f"This proxy does not forward /v1/{subpath}. Allowed endpoints: "
+            f"{', '.join('/v1/' + name for name in names) or 'none'}.",
+            code="endpoint_not_allowed",
+        )
+
+
+def apply_model_rules(payload):
+    """Check a JSON body's model and fill in DEFAULT_MODEL; return True if changed."""
+    if not isinstance(payload, dict):
+        return False
+
+    default = current_app.config["DEFAULT_MODEL"]
+    changed = "model" not in payload and default is not None
+    if changed:
+        payload["model"] = default
+
+    check_model(payload.get("model"))
+    return changed
+
+
+def check_model(model):
+    """Refuse a model outside ALLOWED_MODELS; a request naming none passes."""
+    allowed = current_app.config["ALLOWED_MODELS"]
+    if allowed is None or model is None:
+        return
+
+    if not isinstance(model, str) or not any(
+        fnmatch.fnmatchcase(model, pattern) for pattern in allowed
+    ):
+        raise Forbidden(
+            f"The model {model!r} is not allowed on this proxy. Allowed models: "
+            f"{', '.join(allowed) or 'none'}.",
+            code="model_not_allowed",
+            param="model",
+        )
+
+
+def _init_limiter(app):
+    storage_uri = app.config["RATE_LIMIT_STORAGE_URI"] or (
+        "sqlite://" + str(get_data_path(app.config, "ratelimits.sqlite"))
+    )
+    limiter = Limiter(
+        key_func=_get_student_key,
+        application_limits=[
+            _build_limit("RATE_LIMIT_PER_STUDENT", _get_student_key, "student"),
+            _build_limit("RATE_LIMIT_GLOBAL", lambda: "everyone", "global"),
+        ],
+        strategy="fixed-window",
+        storage_uri=storage_uri,
+        headers_enabled=True,
+    )
+    limiter.init_app(app)
+    return limiter
+
+
+def _build_limit(name, key_function, scope):
+    return ApplicationLimit(
+        lambda: current_app.config[name] or "1/second",
+        key_function=key_function,
+        scope=scope,
+        exempt_when=lambda: g.get("student") is None or current_app.config[name] is None,
+    )
+
+
+def _get_student_key():
+    student = g.get("student")
+    return student.fingerprint if student is not None else "-"
+
+
+def _answer_rate_limited(error):
+    g.rate_limited = True
+    limit = error.limit.limit
+    who = "for everyone together" if error.limit.scope == "global" else "per student"
+    return error_response(
+        RateLimited(
+            f"Rate limit reached: this proxy allows {limit} requests {who}. Wait "
+            "for the time in the Retry-After header, then try again."
+        )
+    )
+
+
+def _hold_slot():
+    # Runs after flask-limiter's check, so a refused request holds no slot.
+    student, most = g.get("student"), current_app.config["MAX_CONCURRENT_PER_STUDENT"]
+    if student is None or most is None:
+        return
+
+    owner = "request-" + student.fingerprint.removeprefix("sha256:")[:32]
+    slot = take_slot(get_slots_folder(current_app.config["DATA_DIR"]), owner, most)
+    if slot is None:
+        g.refused_slot = True
+        raise RateLimited(
+            f"You already have {most} requests running, the most this proxy allows "
+            "at once. Wait for one to finish, then try again.",
+            headers={"Retry-After": "1"},
+        )
+
+    g.slot = slot
+
+
+def _remember_retry_after(response):
+    # Runs just before flask-limiter's after_request, which sets Retry-After
+    # on every response; _finish_request puts back what was there.
+    g.retry_after = response.headers.get("Retry-After")
+    return response
+
+
+def _finish_request(response):
+    # Registered before flask-limiter's own after_request, so it runs after it.
+    if g.get("refused_slot"):
+        response.headers["Retry-After"] = "1"
+    elif not g.get("rate_limited") and "retry_after" in g:
+        response.headers.pop("Retry-After", None)
+        if g.retry_after is not None:
+            response.headers["Retry-After"] = g.retry_after
+
+    if g.get("slot") is not None:
+        # Released once the answer has been sent, or the client went away.
+        response.call_on_close(g.pop("slot").release)
+
+    return response

@@ -13,6 +13,7 @@ import db
 from errors import BadRequest, Forbidden
 from keys import is_admin
 from periods import get_zone
+from budgets import get_budget_status
 from reports import build_class_report, build_student_report, write_class_csv
 
 # The page is self-contained: nothing may load from elsewhere, nothing inline.
@@ -41,7 +42,7 @@ def show_page():
 def get_own_usage():
     """Return the caller's own usage, budget and recent requests."""
     report = build_student_report(
-        _connect(), _list_students(), g.student, _read_zone(), current_app.config
+        _connect(), _list_students(), g.student, _read_zone(), _get_budget
     )
     return _private(jsonify(report))
 
@@ -68,9 +69,11 @@ def _build_class_report():
             code="admin_only",
         )
 
-    return build_class_report(
-        _connect(), _list_students(), _read_zone(), current_app.config
-    )
+    return build_class_report(_connect(), _list_students(), _read_zone(), _get_budget)
+
+
+def _get_budget(student):
+    return get_budget_status(student, current_app.config["USAGE_DB"], current_app.config)
 
 
 def _connect():

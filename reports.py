@@ -20,7 +20,6 @@ from keys import is_admin
 from periods import (
     get_start_of_week,
     get_today,
-    get_zone,
     list_day_ranges,
     start_of_day,
 )
@@ -204,46 +203,11 @@ def empty_person(name, email):
     }
 
 
-def compute_budget(connection, entry, fingerprints, settings, now=None):
-    """Return the daily and total token budget of one student's keys.
+def build_student_report(connection, students, student, zone, budget_of, now=None):
+    """Return everything the usage page shows a student about themselves.
 
-    Limits come from the keys.json entry (`daily_token_budget`,
-    `total_token_budget`) or else the settings; None means unlimited.
+    `budget_of(student)` gives a student's budget status (see budgets.py).
     """
-    # TODO: use the budget module's own function once issue 4 is merged.
-    zone = get_zone(settings.get("BUDGET_TIMEZONE") or "UTC")
-    day = get_today(zone, now)
-    daily_used = summarize(connection, fingerprints, since=start_of_day(day, zone))
-    total_used = summarize(connection, fingerprints)
-    daily_limit = _get_limit(
-        entry, settings, "daily_token_budget", "DAILY_TOKEN_BUDGET"
-    )
-    total_limit = _get_limit(
-        entry, settings, "total_token_budget", "TOTAL_TOKEN_BUDGET"
-    )
-    return {
-        "daily": {
-            **_describe_limit(daily_limit, daily_used["total_tokens"]),
-            "resets_at": start_of_day(day + timedelta(days=1), zone),
-        },
-        "total": _describe_limit(total_limit, total_used["total_tokens"]),
-    }
-
-
-def _get_limit(entry, settings, entry_name, setting_name):
-    if entry is not None and entry_name in entry:
-        return entry[entry_name]
-
-    return settings.get(setting_name)
-
-
-def _describe_limit(limit, used):
-    remaining = None if limit is None else max(limit - used, 0)
-    return {"limit": limit, "used": used, "remaining": remaining}
-
-
-def build_student_report(connection, students, student, zone, settings, now=None):
-    """Return everything the usage page shows a student about themselves."""
     person = find_person(connection, students, student.email)
     keys = person["keys"] if person else [student.fingerprint]
     day = get_today(zone, now)
@@ -262,24 +226,22 @@ def build_student_report(connection, students, student, zone, settings, now=None
         },
         "days": summarize_days(connection, list_chart_days(day, zone), keys),
         "models": summarize_models(connection, keys),
-        "budget": compute_budget(connection, student.entry, keys, settings, now),
+        "budget": budget_of(student),
         "recent": list_recent(connection, keys),
     }
 
 
-def build_class_report(connection, students, zone, settings, now=None):
+def build_class_report(connection, students, zone, budget_of, now=None):
     """Return the teacher's view: every person, and totals per model and day."""
     day = get_today(zone, now)
     people = summarize_students(connection, students)
     today = summarize_students(connection, students, since=start_of_day(day, zone))
     tokens_today = {person["email"].lower(): person["total_tokens"] for person in today}
-    entries = _index_entries(students)
+    current = _index_current_students(students)
     for person in people:
         person["tokens_today"] = tokens_today.get(person["email"].lower(), 0)
-        entry = entries.get(person["email"].lower())
-        person["budget"] = compute_budget(
-            connection, entry, person["keys"], settings, now
-        )
+        student = current.get(person["email"].lower())
+        person["budget"] = budget_of(student) if student is not None else None
 
     return {
         "time_zone": zone.key,
@@ -290,13 +252,13 @@ def build_class_report(connection, students, zone, settings, now=None):
     }
 
 
-def _index_entries(students):
-    # A person's limits come from their enabled key, if they have one.
-    entries = {}
+def _index_current_students(students):
+    # A person's budget is their enabled key's, if they have one.
+    current = {}
     for student in sorted(students, key=lambda s: not s.disabled):
-        entries[student.email.lower()] = student.entry
+        current.setdefault(student.email.lower(), student)
 
-    return entries
+    return current
 
 
 def list_chart_days(today, zone):

@@ -4,19 +4,19 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime, time, timedelta
 
 import openai
 import pytest
 import requests
-
 from conftest import (
     PROJECT_DIR,
     add_student,
     start_proxy,
     stop_process,
     upstream_settings,
+    wait_for_usage_rows,
 )
-from conftest import wait_for_usage_rows
 
 ADMIN_KEY = "sk-config-teacher-0123456789"
 
@@ -161,7 +161,8 @@ def test_student_budget_shows_what_is_left(school):
     assert bob["budget"]["daily"]["limit"] == 5000
     assert bob["budget"]["daily"]["used"] == 26
     assert bob["budget"]["daily"]["remaining"] == 5000 - 26
-    assert bob["budget"]["daily"]["resets_at"].endswith("T00:00:00.000Z")
+    resets_at = datetime.fromisoformat(bob["budget"]["daily"]["resets_at"])
+    assert (resets_at.time(), resets_at.utcoffset()) == (time(0), timedelta(0))
     assert bob["budget"]["total"] == {"limit": None, "used": 26, "remaining": None}
     assert ann["budget"]["daily"]["limit"] is None
 

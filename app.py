@@ -247,7 +247,7 @@ def _spool_multipart_body(subpath, cleanup):
     g.body = json.dumps(upload.describe())
     g.model = upload.fields.get("model")
     controls.check_model(g.model)
-    return cleanup.enter_context(open(upload.path, "rb"))
+    return upload.body
 
 
 def _refuse_misconfigured_proxy():

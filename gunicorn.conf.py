@@ -27,11 +27,24 @@ preload_app = True
 control_socket_disable = True
 
 
+def _get_uploads_folder():
+    from config import get_data_path, load_settings
+    from uploads import TEMP_FOLDER_NAME
+
+    return get_data_path(load_settings(require_api_key=False), TEMP_FOLDER_NAME)
+
+
+def child_exit(server, worker):
+    """When a worker dies (crash or kill), delete the uploads it was receiving."""
+    from uploads import remove_uploads_of
+
+    remove_uploads_of(_get_uploads_folder(), worker.pid)
+
+
 def on_exit(server):
     """On a graceful shutdown, delete uploads no request will finish now."""
-    from config import get_data_path, load_settings
-    from uploads import TEMP_FOLDER_NAME, sweep
+    from uploads import sweep
 
-    folder = get_data_path(load_settings(require_api_key=False), TEMP_FOLDER_NAME)
+    folder = _get_uploads_folder()
     if folder.is_dir():
         sweep(folder, older_than=-1)

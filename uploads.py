@@ -76,6 +76,7 @@ class SpooledUpload:
     size: int = 0
     fields: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
+    body: object = None
 
     def describe(self):
         """Return field names and file names and sizes, never contents."""
@@ -112,23 +113,36 @@ def upload_slot(data_dir, student_fingerprint):
 def spool_upload(stream, content_type_options, folder, endpoint):
     """Write a multipart body to disk while checking it; delete it afterwards.
 
-    Yields a SpooledUpload. Raises BadRequest or TooLarge, having deleted the
-    partial file, when a limit is broken; the file is deleted however the
-    request ends (success, upstream error, client abort).
+    Yields a SpooledUpload whose `body` is open for reading. Raises
+    BadRequest or TooLarge, having deleted the partial file, when a limit is
+    broken; the file is deleted however the request ends (success, upstream
+    error, client abort). Files are named after the worker's pid, so the
+    master can delete what a crashed worker left (see gunicorn.conf.py).
     """
     boundary = content_type_options.get("boundary", "").encode("latin-1")
     if not boundary:
         raise BadRequest("The multipart body has no boundary in its Content-Type.")
 
-    upload = SpooledUpload(path=Path(folder) / f"{uuid.uuid4().hex}.upload")
+    name = f"{os.getpid()}-{uuid.uuid4().hex}.upload"
+    upload = SpooledUpload(path=Path(folder) / name)
     try:
         with open(upload.path, "wb") as spool:
             _copy_and_check(stream, spool, MultipartDecoder(boundary), upload)
 
         _check_required_parts(upload, endpoint)
-        yield upload
+        with open(upload.path, "rb") as upload.body:
+            # Unlinked while open: the bytes stay readable until sent, and
+            # nothing is left behind if the worker dies while sending them.
+            upload.path.unlink()
+            yield upload
     finally:
         upload.path.unlink(missing_ok=True)
+
+
+def remove_uploads_of(folder, pid):
+    """Delete the uploads a dead worker process was still receiving."""
+    for path in Path(folder).glob(f"{pid}-*.upload"):
+        path.unlink(missing_ok=True)
 
 
 def _copy_and_check(stream, spool, decoder, upload):

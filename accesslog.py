@@ -62,7 +62,11 @@ def redact_payload(value):
 
 def describe_json_body(payload):
     """Return the redacted body as one escaped line, cut to a sane length."""
-    text = json.dumps(redact_payload(payload), ensure_ascii=True, separators=(",", ":"))
+    try:
+        redacted = redact_payload(payload)
+        text = json.dumps(redacted, ensure_ascii=True, separators=(",", ":"))
+    except RecursionError:
+        return '"<JSON nested too deeply to log>"'
     if len(text) > MAX_LOGGED_BODY:
         text = f"{text[:MAX_LOGGED_BODY]}...[{len(text)} chars]"
 

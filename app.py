@@ -131,7 +131,7 @@ def authenticate():
 
     keyring = current_app.extensions["keyring"]
     keyring.refresh()
-    key = read_presented_key(request.headers)
+    key = g.presented_key = read_presented_key(request.headers)
     if key is None:
         g.who = "(no key)"
         raise MissingKey(
@@ -214,10 +214,11 @@ def _read_json_body(subpath, meter):
     raw = request.get_data(cache=False)
     try:
         payload = json.loads(raw)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         g.body = f'"<invalid JSON, {len(raw)} bytes>"'
+        reason = "nested too deeply" if isinstance(error, RecursionError) else error
         raise BadRequest(
-            f"The request body is not valid JSON ({error}). Check quotes and commas."
+            f"The request body is not valid JSON ({reason}). Check quotes and commas."
         ) from error
 
     g.body = describe_json_body(payload)
@@ -277,13 +278,18 @@ def finish_request(response):
         "date": _utc_now(),
         "model": g.get("model"),
         "meter": g.get("meter"),
-        "body": g.get("body"),
+        "body": _without_key(g.get("body"), g.get("presented_key")),
         "usage_db": current_app.config["USAGE_DB"],
     }
     if request.method != "OPTIONS":
         response.call_on_close(partial(_account, record))
 
     return response
+
+
+def _without_key(text, key):
+    # A student may paste their key into a prompt or a file name.
+    return text.replace(key, "[their key]") if text and key else text
 
 
 def _account(record):

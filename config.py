@@ -10,6 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 logger = logging.getLogger(__name__)
 
@@ -87,15 +88,18 @@ def load_settings(overrides=None, environ=os.environ, require_api_key=True):
 
 
 def normalize_base_url(url):
-    """Accept a base URL as the openai SDK does, with or without the `/v1`."""
+    """Accept a base URL as the openai SDK takes it, with or without `/v1`.
+
+    A bare host (`http://localhost:11434`) gets `/v1`, as OpenAI-compatible
+    servers serve it there; a URL with a path (`.../v1`, `.../v1beta/openai`)
+    is used as written.
+    """
     url = url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"OPENAI_BASE_URL must start with http:// or https://: {url}")
 
-    if not url.endswith("/v1"):
-        url += "/v1"
-
-    return url
+    return url if parts.path else url + "/v1"
 
 
 def get_data_path(settings, name):

@@ -65,6 +65,15 @@ def _hash_node_keys(connection):
     )
 
 
+def _normalize_node_dates(connection):
+    # SQLite's CURRENT_TIMESTAMP writes "YYYY-MM-DD HH:MM:SS" (UTC); reports
+    # compare dates as ISO 8601 text ending in Z, so old rows are rewritten.
+    connection.execute(
+        "UPDATE usage_log SET date = replace(date, ' ', 'T') || '.000Z' WHERE date GLOB"
+        " '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9]'"
+    )
+
+
 def _index_student_and_date(connection):
     connection.execute(
         "CREATE INDEX IF NOT EXISTS usage_by_key_date ON usage_log (api_key, date)"
@@ -87,6 +96,7 @@ MIGRATIONS = (
     _create_node_table,
     _add_request_columns,
     _hash_node_keys,
+    _normalize_node_dates,
     _index_student_and_date,
     _add_token_totals,
 )

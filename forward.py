@@ -51,6 +51,9 @@ NOT_FORWARDED_REQUEST_HEADERS = HOP_BY_HOP_HEADERS | {
     "x-real-ip",
     # We ask for identity and relay decoded bytes: no double gzip decoding.
     "accept-encoding",
+    # The teacher's key decides which organization and project are billed.
+    "openai-organization",
+    "openai-project",
 }
 
 # Upstream headers that our server sets itself or that no longer hold once
@@ -97,10 +100,14 @@ def build_upstream_url(base_url, subpath, query_string=b""):
 
 def build_upstream_headers(client_headers, api_key):
     """Return the headers to send upstream: the client's, minus hop and keys."""
+    # Headers named in Connection are hop-by-hop too (RFC 9110, 7.6.1).
+    dropped = NOT_FORWARDED_REQUEST_HEADERS | {
+        name.strip().lower() for name in client_headers.get("Connection", "").split(",")
+    }
     headers = {
         name: value
         for name, value in client_headers.items()
-        if name.lower() not in NOT_FORWARDED_REQUEST_HEADERS
+        if name.lower() not in dropped
     }
     headers["Authorization"] = f"Bearer {api_key}"
     headers["Accept-Encoding"] = "identity"

@@ -377,3 +377,37 @@ def test_cors_headers_are_on_errors_too(proxy):
         "*",
         "https://class.example",
     )
+
+
+# json.loads takes about 990 levels; the fake upstream parses what we forward.
+@pytest.mark.parametrize("depth, allowed", [(900, {200, 400}), (100_000, {400})])
+def test_deeply_nested_json_never_breaks_the_proxy(
+    proxy, upstream, student, depth, allowed
+):
+    body = '{"model": "gpt-4o-mini", "messages": ' + "[" * depth + "]" * depth + "}"
+
+    answer = requests.post(
+        f"{proxy.url}/v1/chat/completions",
+        headers={
+            "Authorization": f"Bearer {student.key}",
+            "Content-Type": "application/json",
+        },
+        data=body,
+        timeout=10,
+    )
+
+    assert answer.status_code in allowed, answer.text
+    if answer.status_code == 400:
+        assert "nested too deeply" in answer.json()["error"]["message"]
+
+
+def test_key_pasted_into_a_prompt_is_not_logged(proxy, upstream, client, student):
+    client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": f"my key is {student.key}"}],
+    )
+
+    wait_for_usage_rows(proxy.usage_path, student.fingerprint, 1)
+    [line] = [x for x in proxy.access_log().splitlines() if student.email in x]
+    assert student.key not in line
+    assert "my key is [their key]" in line

@@ -47,6 +47,8 @@ FORWARDED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
 # Paths that need a key: the API we forward, and the usage page's JSON.
 KEYED_PREFIXES = ("/v1/", "/api/")
 JSON_MIMETYPES = ("application/json",)
+# Data files with students' keys, prompts or usage: owner-only.
+PRIVATE_DATA_FILES = ("keys.json", "usage.sqlite", "access.log", "temp-uploads")
 # Response headers a browser page may read (rate limits, request ids).
 EXPOSED_HEADERS = [
     "x-request-id",
@@ -85,6 +87,7 @@ def create_app(config=None):
         settings["ACCESS_LOG_BACKUPS"],
     )
 
+    _make_private(settings, PRIVATE_DATA_FILES)
     CORS(app, origins=settings["CORS_ORIGINS"], expose_headers=EXPOSED_HEADERS)
     if settings["TRUSTED_PROXIES"]:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings["TRUSTED_PROXIES"])
@@ -96,6 +99,14 @@ def create_app(config=None):
         "proxy ready upstream=%s data=%s", settings["OPENAI_BASE_URL"], settings["DATA_DIR"]
     )
     return app
+
+
+def _make_private(settings, names):
+    # Files an older version (or a copy) left readable by others.
+    for name in names:
+        path = get_data_path(settings, name)
+        if path.exists():
+            path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 def _register_handlers(app):

@@ -8,6 +8,10 @@ from app import create_app
 from config import ConfigError
 from keys import KeysFileError
 
+# Everything the proxy writes (usage.sqlite, access.log and its backups,
+# uploads) holds students' data: readable by the owner only.
+os.umask(0o077)
+
 logging.basicConfig(
     level=os.environ.get("LOG_LEVEL", "INFO").upper(),
     format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -411,3 +411,13 @@ def test_key_pasted_into_a_prompt_is_not_logged(proxy, upstream, client, student
     [line] = [x for x in proxy.access_log().splitlines() if student.email in x]
     assert student.key not in line
     assert "my key is [their key]" in line
+
+
+def test_data_files_are_readable_by_the_owner_only(proxy, upstream, client, student):
+    client.chat.completions.create(model="gpt-4o-mini", messages=[])
+    wait_for_usage_rows(proxy.usage_path, student.fingerprint, 1)
+
+    for name in ("keys.json", "usage.sqlite", "access.log", "temp-uploads"):
+        mode = (proxy.data_dir / name).stat().st_mode
+
+        assert mode & 0o077 == 0, f"{name} is {oct(mode)}"

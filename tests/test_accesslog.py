@@ -155,6 +155,14 @@ def test_ordinary_text_is_logged_as_it_is():
     assert json.loads(text)["input"] == prose
 
 
+def test_a_long_prompt_without_punctuation_is_not_taken_for_base64():
+    prose = "write me a story about a dragon who lives in a castle and eats cake " * 5
+
+    text = describe_json_body({"messages": [{"role": "user", "content": prose}]})
+
+    assert json.loads(text)["messages"][0]["content"] == prose
+
+
 # Through gunicorn.
 
 

@@ -1,0 +1,266 @@
+"""config.json and keys.json: start-up, overrides, hot reload, bad saves."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from config import normalize_base_url
+from conftest import (
+    PROJECT_DIR,
+    UPSTREAM_KEY,
+    Proxy,
+    _wait_until_healthy,
+    add_student,
+    get_free_port,
+    stop_process,
+)
+
+# Enough requests that both gunicorn workers answer some of them.
+REQUESTS_PER_CHECK = 12
+
+
+def start_gunicorn(env, data_dir, workers=1):
+    """Start `gunicorn wsgi:app` with exactly this environment."""
+    port = get_free_port()
+    log_path = data_dir / "gunicorn.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "wsgi:app",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                str(workers),
+            ],
+            cwd=PROJECT_DIR,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    return Proxy(f"http://127.0.0.1:{port}", data_dir, process, log_path)
+
+
+@pytest.fixture
+def gunicorn_env(tmp_path):
+    """Start gunicorn with a given environment; stopped after the test."""
+    started = []
+
+    def start(env, workers=1):
+        running = start_gunicorn(env, tmp_path, workers)
+        started.append(running)
+        _wait_until_healthy(running)
+        return running
+
+    yield start
+    for running in started:
+        stop_process(running.process)
+
+
+def chat(proxy, key, **headers):
+    return requests.post(
+        f"{proxy.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}", **headers},
+        json={"model": "gpt-4o-mini", "messages": []},
+        timeout=10,
+    )
+
+
+def statuses(proxy, key, count=REQUESTS_PER_CHECK):
+    return {chat(proxy, key).status_code for _ in range(count)}
+
+
+def count_lines(text, phrase):
+    return sum(phrase in line for line in text.splitlines())
+
+
+# config.json
+
+
+def test_invalid_config_json_stops_start_up_naming_the_file_and_line(tmp_path):
+    config_path = tmp_path / "config.json"
+    config_path.write_text('{\n  "OPENAI_API_KEY": "sk-x",\n  "DATA_DIR": "."\n  "X": 1\n}\n')
+
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "wsgi:app", "--bind", "127.0.0.1:0"],
+        cwd=PROJECT_DIR,
+        env={**os.environ, "PROXY_CONFIG": str(config_path)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert str(config_path) in output
+    assert "line 4" in output
+    assert "Traceback" not in output
+
+
+def test_without_config_json_it_starts_from_the_environment_and_says_so(
+    gunicorn_env, upstream, tmp_path
+):
+    running = gunicorn_env(
+        {
+            "PROXY_CONFIG": str(tmp_path / "missing.json"),
+            "OPENAI_API_KEY": UPSTREAM_KEY,
+            "OPENAI_BASE_URL": upstream.url,
+            "DATA_DIR": str(tmp_path),
+        },
+        workers=2,
+    )
+    student = add_student(running.keys_path)
+
+    assert statuses(running, student.key) == {200}
+    assert count_lines(running.log(), "using environment variables") == 1
+    assert str(tmp_path / "missing.json") in running.log()
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/"])
+def test_base_url_works_with_or_without_v1_and_trailing_slash(
+    proxy_factory, upstream, suffix
+):
+    running = proxy_factory(workers=1, OPENAI_BASE_URL=upstream.url + suffix)
+    student = add_student(running.keys_path)
+
+    assert chat(running, student.key).status_code == 200
+
+    [seen] = upstream.requests()
+    assert seen["path"] == "/v1/chat/completions"
+
+
+def test_base_url_keeps_a_path_prefix_before_v1():
+    assert normalize_base_url("http://h:1/openai/v1/") == "http://h:1/openai/v1"
+    assert normalize_base_url("http://h:1/openai") == "http://h:1/openai/v1"
+
+
+def test_environment_variables_override_config_json(gunicorn_env, upstream, tmp_path):
+    config_path = tmp_path / "config.json"
+    config_path.write_text(
+        json.dumps(
+            {
+                "OPENAI_API_KEY": "sk-wrong-key-in-the-file",
+                "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+                "DATA_DIR": str(tmp_path / "from-file"),
+            }
+        )
+    )
+    running = gunicorn_env(
+        {
+            "PROXY_CONFIG": str(config_path),
+            "OPENAI_API_KEY": UPSTREAM_KEY,
+            "OPENAI_BASE_URL": upstream.url,
+            "DATA_DIR": str(tmp_path),
+        }
+    )
+    student = add_student(running.keys_path)
+
+    assert chat(running, student.key).status_code == 200
+    assert not (tmp_path / "from-file").exists()
+
+
+# keys.json
+
+
+def test_missing_keys_json_is_created_empty_and_the_log_says_how_to_add_keys(
+    proxy_factory,
+):
+    running = proxy_factory(name="fresh")
+
+    assert json.loads(running.keys_path.read_text()) == []
+    assert stat.S_IMODE(running.keys_path.stat().st_mode) == 0o600
+    assert "python create.py NAME EMAIL" in running.log()
+
+
+def test_a_key_saved_while_running_works_on_the_next_requests(proxy_factory, upstream):
+    running = proxy_factory()
+    statuses(running, "sk-not-yet")
+
+    student = add_student(running.keys_path)
+
+    assert statuses(running, student.key) == {200}
+
+
+def test_an_atomically_replaced_keys_file_is_seen(proxy_factory, upstream):
+    running = proxy_factory()
+    old = add_student(running.keys_path)
+    assert statuses(running, old.key) == {200}
+    new_entry = {"key": "sk-replaced-0123456789", "name": "New", "email": "n@x.test"}
+
+    temporary = running.data_dir / "keys.json.new"
+    temporary.write_text(json.dumps([new_entry]))
+    os.replace(temporary, running.keys_path)
+
+    assert statuses(running, new_entry["key"]) == {200}
+    assert statuses(running, old.key) == {401}
+
+
+BAD_SAVES = {
+    "half-written": lambda entries: json.dumps(entries)[:-20],
+    "not JSON": lambda entries: "this is not json\n",
+    "not a list": lambda entries: json.dumps({"students": entries}),
+    "entry without name": lambda entries: json.dumps(
+        [*entries[:-1], {k: v for k, v in entries[-1].items() if k != "name"}]
+    ),
+    "entry without email": lambda entries: json.dumps(
+        [*entries[:-1], {k: v for k, v in entries[-1].items() if k != "email"}]
+    ),
+    "empty file": lambda entries: "",
+}
+
+
+@pytest.mark.parametrize("problem", BAD_SAVES)
+def test_a_bad_keys_save_keeps_the_last_good_keys_and_logs_one_error(
+    proxy_factory, upstream, problem
+):
+    running = proxy_factory()
+    old = add_student(running.keys_path)
+    assert statuses(running, old.key) == {200}
+    entries = json.loads(running.keys_path.read_text())
+    new = {"key": "sk-new-after-bad-save-0123", "name": "New", "email": "new@x.test"}
+
+    running.keys_path.write_text(BAD_SAVES[problem]([*entries, new]))
+
+    assert statuses(running, old.key) == {200}
+    assert statuses(running, new["key"]) == {401}
+    errors = count_lines(running.log(), "keeping the previous keys")
+    assert 1 <= errors <= 2  # one per worker process, not one per request
+    assert old.key not in running.log() and new["key"] not in running.log()
+
+
+def test_fixing_a_bad_keys_save_brings_the_new_keys_in(proxy_factory, upstream):
+    running = proxy_factory()
+    old = add_student(running.keys_path)
+    entries = json.loads(running.keys_path.read_text())
+    running.keys_path.write_text("[{")
+    statuses(running, old.key)
+    new_entry = {"key": "sk-after-fix-0123456789", "name": "Fix", "email": "f@x.test"}
+
+    running.keys_path.write_text(json.dumps([*entries, new_entry]))
+
+    assert statuses(running, new_entry["key"]) == {200}
+    assert statuses(running, old.key) == {200}
+
+
+def test_disabling_a_key_while_running_refuses_it_with_403(proxy_factory, upstream):
+    running = proxy_factory()
+    student = add_student(running.keys_path)
+    assert statuses(running, student.key) == {200}
+    entries = json.loads(running.keys_path.read_text())
+    entries[0]["disabled"] = True
+    upstream.reset()
+
+    running.keys_path.write_text(json.dumps(entries))
+
+    answers = [chat(running, student.key) for _ in range(REQUESTS_PER_CHECK)]
+    assert {answer.status_code for answer in answers} == {403}
+    assert answers[0].json()["error"]["code"] == "key_disabled"
+    assert upstream.requests() == []

@@ -134,12 +134,13 @@ def test_input_audio_data_is_cut_to_a_prefix():
 
 def test_long_base64_strings_anywhere_are_cut_to_a_prefix():
     wrapped = "\n".join(IMAGE_BASE64[i : i + 76] for i in range(0, 2000, 76))
+    pdf = f"data:application/pdf;base64,{IMAGE_BASE64}"
     payload = {
-        "input": [{"type": "input_file", "file_data": f"data:application/pdf;base64,{IMAGE_BASE64}"}],
+        "input": [{"type": "input_file", "file_data": pdf}],
         "b64_json": IMAGE_BASE64,
         "mime_wrapped": wrapped,
         "urlsafe": base64.urlsafe_b64encode(bytes(range(256)) * 4).decode(),
-    }  # fmt: skip
+    }
 
     text = describe_json_body(payload)
 
@@ -257,7 +258,9 @@ def test_missing_and_unknown_keys_are_logged_as_such(proxy, upstream):
 
     requests.get(f"{proxy.url}{marker}", timeout=10)
     requests.get(
-        f"{proxy.url}{marker}", headers={"Authorization": "Bearer sk-nobody"}, timeout=10
+        f"{proxy.url}{marker}",
+        headers={"Authorization": "Bearer sk-nobody"},
+        timeout=10,
     )
 
     lines = find_lines(proxy, marker, count=2)
@@ -269,13 +272,13 @@ def test_missing_and_unknown_keys_are_logged_as_such(proxy, upstream):
 def test_rotation_across_workers_loses_and_interleaves_no_line(proxy_factory, upstream):
     running = proxy_factory(ACCESS_LOG_MAX_MB=0.02, ACCESS_LOG_BACKUPS=5)
     student = add_student(running.keys_path)
-    filler = "lorem ipsum, dolor sit amet. " * 4
+    messages = [{"role": "user", "content": "lorem ipsum, dolor sit amet. " * 4}]
 
     def ask(number):
         return requests.post(
             f"{running.url}/v1/chat/completions",
             headers={"Authorization": f"Bearer {student.key}"},
-            json={"model": f"m-{number}", "messages": [{"role": "user", "content": filler}]},
+            json={"model": f"m-{number}", "messages": messages},
             timeout=30,
         ).status_code
 

@@ -87,7 +87,8 @@ def count_lines(text, phrase):
 
 def test_invalid_config_json_stops_start_up_naming_the_file_and_line(tmp_path):
     config_path = tmp_path / "config.json"
-    config_path.write_text('{\n  "OPENAI_API_KEY": "sk-x",\n  "DATA_DIR": "."\n  "X": 1\n}\n')
+    # The comma missing after line 3 is noticed on line 4.
+    config_path.write_text('{\n  "OPENAI_API_KEY": "sk-x",\n  "DATA_DIR": "."\n  "X": 1\n}')
 
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn", "wsgi:app", "--bind", "127.0.0.1:0"],

@@ -86,6 +86,9 @@ def create_app(config=None):
 
 
 def _register_handlers(app):
+    # Werkzeug would answer /v1//host/x with a redirect built from the
+    # client's Host header; build_upstream_url refuses the empty segment.
+    app.url_map.merge_slashes = False
     app.before_request(authenticate)
     app.after_request(finish_request)
     app.add_url_rule("/health", view_func=health)

@@ -8,7 +8,7 @@ from functools import partial
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask_cors import CORS
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import db
@@ -183,7 +183,7 @@ def _read_body():
 
     mimetype = request.mimetype
     if mimetype in JSON_MIMETYPES or mimetype.endswith("+json"):
-        raw = request.get_data(cache=False)
+        raw = _read_whole_body()
         try:
             payload = json.loads(raw)
         except ValueError as error:
@@ -204,6 +204,17 @@ def _read_body():
         "Send the request body as JSON with 'Content-Type: application/json' "
         f"(this request said {mimetype or 'nothing'!r})."
     )
+
+
+def _read_whole_body():
+    raw = request.get_data(cache=False)
+    # Werkzeug cuts a body sent without Content-Length (chunked) at the limit
+    # without a word; one more byte from the server's stream tells.
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if len(raw) >= limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+
+    return raw
 
 
 def _refuse_misconfigured_proxy():

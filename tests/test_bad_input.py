@@ -1,5 +1,6 @@
 """Bad input through gunicorn: refused with OpenAI-shaped errors, never forwarded."""
 
+import json
 import socket
 import time
 
@@ -225,3 +226,38 @@ def test_missing_key_gets_401_and_one_access_line(proxy, upstream):
     [line] = access_lines_for(proxy, marker)
     assert 'user="(no key)"' in line
     assert "status=401" in line
+
+
+def test_oversized_chunked_body_gets_413(proxy, upstream, student):
+    def pieces():
+        for _ in range(52):
+            yield b" " * (1024 * 1024)
+
+    try:
+        response = requests.post(
+            f"{proxy.url}/v1/chat/completions",
+            headers=json_headers(student.key),
+            data=pieces(),
+            timeout=60,
+        )
+    except requests.ConnectionError:
+        pytest.fail("the proxy hung up instead of answering 413")
+
+    assert_openai_error(response, 413)
+    assert upstream.requests() == []
+
+
+def test_chunked_json_under_the_limit_is_forwarded_whole(proxy, upstream, student):
+    content = "x" * (2 * 1024 * 1024)
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [], "note": content})
+
+    response = requests.post(
+        f"{proxy.url}/v1/chat/completions",
+        headers=json_headers(student.key),
+        data=(body[i : i + 65536].encode() for i in range(0, len(body), 65536)),
+        timeout=60,
+    )
+
+    assert response.status_code == 200, response.text
+    [seen] = upstream.requests()
+    assert seen["json"]["note"] == content

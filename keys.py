@@ -157,16 +157,18 @@ class KeyRing:
         return list(self._students.values())
 
     def _reload(self, signature):
-        # Remember the signature even when the file is bad, so one bad save
-        # logs one error instead of one per request.
-        self._signature = signature
+        # The signature is stored last: other threads skip the lock once it
+        # matches, so it must not match before the new keys are in force.
         try:
             entries = parse_keys(_read(self.path), self.path)
         except (OSError, KeysFileError) as error:
             logger.error("keeping the previous keys: %s", error)
+            # Remembered even for a bad file: one bad save, one error line.
+            self._signature = signature
             return
 
         self._students = index_students(entries)
+        self._signature = signature
         logger.info("reloaded keys path=%s students=%d", self.path, len(entries))
 
 

@@ -5,10 +5,14 @@ import os
 import stat
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
+import keys
 from config import normalize_base_url
 from conftest import (
     PROJECT_DIR,
@@ -20,8 +24,10 @@ from conftest import (
     stop_process,
 )
 
-# Enough requests that both gunicorn workers answer some of them.
 REQUESTS_PER_CHECK = 12
+WORKERS = 2
+RELOADED = "reloaded keys"
+KEPT = "keeping the previous keys"
 
 
 def start_gunicorn(env, data_dir, workers=1):
@@ -80,6 +86,27 @@ def statuses(proxy, key, count=REQUESTS_PER_CHECK):
 
 def count_lines(text, phrase):
     return sum(phrase in line for line in text.splitlines())
+
+
+def hit_every_worker(proxy, key, phrase, workers=WORKERS):
+    """Send bursts until each worker has logged `phrase` once more; return statuses.
+
+    gunicorn hands connections to whichever worker accepts first, often the
+    same one, so only the log shows that every worker has seen a save.
+    """
+    wanted = count_lines(proxy.log(), phrase) + workers
+    seen = set()
+    for _ in range(40):
+        with ThreadPoolExecutor(8) as pool:
+            answers = pool.map(
+                lambda _: chat(proxy, key, **{"x-fake-delay-ms": "20"}), range(8)
+            )
+            seen |= {answer.status_code for answer in answers}
+
+        if count_lines(proxy.log(), phrase) >= wanted:
+            return seen
+
+    pytest.fail(f"not every worker logged {phrase!r}:\n{proxy.log()}")
 
 
 # config.json
@@ -187,20 +214,21 @@ def test_a_key_saved_while_running_works_on_the_next_requests(proxy_factory, ups
 
     student = add_student(running.keys_path)
 
+    assert hit_every_worker(running, student.key, RELOADED) == {200}
     assert statuses(running, student.key) == {200}
 
 
 def test_an_atomically_replaced_keys_file_is_seen(proxy_factory, upstream):
     running = proxy_factory()
     old = add_student(running.keys_path)
-    assert statuses(running, old.key) == {200}
+    assert hit_every_worker(running, old.key, RELOADED) == {200}
     new_entry = {"key": "sk-replaced-0123456789", "name": "New", "email": "n@x.test"}
 
     temporary = running.data_dir / "keys.json.new"
     temporary.write_text(json.dumps([new_entry]))
     os.replace(temporary, running.keys_path)
 
-    assert statuses(running, new_entry["key"]) == {200}
+    assert hit_every_worker(running, new_entry["key"], RELOADED) == {200}
     assert statuses(running, old.key) == {401}
 
 
@@ -224,44 +252,72 @@ def test_a_bad_keys_save_keeps_the_last_good_keys_and_logs_one_error(
 ):
     running = proxy_factory()
     old = add_student(running.keys_path)
-    assert statuses(running, old.key) == {200}
+    assert hit_every_worker(running, old.key, RELOADED) == {200}
     entries = json.loads(running.keys_path.read_text())
     new = {"key": "sk-new-after-bad-save-0123", "name": "New", "email": "new@x.test"}
 
     running.keys_path.write_text(BAD_SAVES[problem]([*entries, new]))
 
-    assert statuses(running, old.key) == {200}
+    assert hit_every_worker(running, old.key, KEPT) == {200}
     assert statuses(running, new["key"]) == {401}
-    errors = count_lines(running.log(), "keeping the previous keys")
-    assert 1 <= errors <= 2  # one per worker process, not one per request
+    # One error per worker process, not one per request.
+    assert count_lines(running.log(), KEPT) == WORKERS
     assert old.key not in running.log() and new["key"] not in running.log()
 
 
 def test_fixing_a_bad_keys_save_brings_the_new_keys_in(proxy_factory, upstream):
     running = proxy_factory()
     old = add_student(running.keys_path)
+    hit_every_worker(running, old.key, RELOADED)
     entries = json.loads(running.keys_path.read_text())
     running.keys_path.write_text("[{")
-    statuses(running, old.key)
+    hit_every_worker(running, old.key, KEPT)
     new_entry = {"key": "sk-after-fix-0123456789", "name": "Fix", "email": "f@x.test"}
 
     running.keys_path.write_text(json.dumps([*entries, new_entry]))
 
-    assert statuses(running, new_entry["key"]) == {200}
+    assert hit_every_worker(running, new_entry["key"], RELOADED) == {200}
     assert statuses(running, old.key) == {200}
+
+
+def test_a_thread_arriving_during_a_reload_sees_the_new_keys(tmp_path, monkeypatch):
+    path = tmp_path / "keys.json"
+    path.write_text("[]")
+    keyring = keys.KeyRing(str(path))
+    keyring.load()
+    entry = {"key": "sk-during-reload-0123", "name": "N", "email": "n@x.test"}
+    path.write_text(json.dumps([entry]))
+    parse = keys.parse_keys
+    parsing = threading.Event()
+
+    def parse_slowly(*args):
+        parsing.set()
+        time.sleep(0.3)  # a big keys.json, or a busy machine
+        return parse(*args)
+
+    monkeypatch.setattr(keys, "parse_keys", parse_slowly)
+    first = threading.Thread(target=keyring.refresh)
+    first.start()
+    parsing.wait(5)
+
+    keyring.refresh()
+    found = keyring.find(entry["key"])
+
+    first.join()
+    assert found is not None
 
 
 def test_disabling_a_key_while_running_refuses_it_with_403(proxy_factory, upstream):
     running = proxy_factory()
     student = add_student(running.keys_path)
-    assert statuses(running, student.key) == {200}
+    hit_every_worker(running, student.key, RELOADED)
     entries = json.loads(running.keys_path.read_text())
     entries[0]["disabled"] = True
     upstream.reset()
 
     running.keys_path.write_text(json.dumps(entries))
 
-    answers = [chat(running, student.key) for _ in range(REQUESTS_PER_CHECK)]
-    assert {answer.status_code for answer in answers} == {403}
-    assert answers[0].json()["error"]["code"] == "key_disabled"
+    assert hit_every_worker(running, student.key, RELOADED) == {403}
+    answer = chat(running, student.key)
+    assert answer.json()["error"]["code"] == "key_disabled"
     assert upstream.requests() == []

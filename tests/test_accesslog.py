@@ -311,3 +311,34 @@ def _wait_for_rotated_lines(running, count):
         for path in sorted(running.data_dir.glob("access.log*"))
         if not path.name.endswith(".lock")
     ]
+
+
+def forwarded_for(student, address):
+    return {"Authorization": f"Bearer {student.key}", "X-Forwarded-For": address}
+
+
+def test_x_forwarded_for_is_ignored_unless_configured(proxy, upstream, student):
+    requests.get(
+        f"{proxy.url}/v1/models",
+        headers=forwarded_for(student, "6.6.6.6"),
+        timeout=10,
+    )
+
+    [line] = find_lines(proxy, student.email)
+    assert 'client="127.0.0.1"' in line
+
+
+def test_x_forwarded_for_names_the_client_behind_a_trusted_proxy(
+    proxy_factory, upstream
+):
+    running = proxy_factory(TRUSTED_PROXIES=1)
+    student = add_student(running.keys_path)
+
+    requests.get(
+        f"{running.url}/v1/models",
+        headers=forwarded_for(student, "6.6.6.6"),
+        timeout=10,
+    )
+
+    [line] = find_lines(running, student.email)
+    assert 'client="6.6.6.6"' in line

@@ -11,9 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple
 
 import pytest
+import requests
 
 import db
-from conftest import PROJECT_DIR, add_student, stop_process
+from conftest import PROJECT_DIR, add_student, stop_process, wait_for_usage_rows
+from keys import fingerprint
 
 NODE_SCHEMA = (
     "CREATE TABLE usage_log (id INTEGER PRIMARY KEY AUTOINCREMENT, api_key TEXT,"
@@ -361,3 +363,36 @@ def test_proxy_leaves_no_plaintext_key_in_a_node_store(proxy_factory, tmp_path):
     assert_no_plaintext_keys(folder)
     stop_process(running.process)
     assert_no_plaintext_keys(folder)
+
+
+def test_usage_joins_node_rows_and_new_proxy_rows_of_a_student(
+    proxy_factory, upstream, tmp_path, monkeypatch
+):
+    folder = make_node_files(tmp_path / "node")
+    running = proxy_factory(name="node")
+    requests.post(
+        f"{running.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {NODE_KEYS[0]}"},
+        json={"model": "gpt-4o-mini", "messages": []},
+        timeout=10,
+    )
+    wait_for_usage_rows(running.usage_path, fingerprint(NODE_KEYS[0]), 3)
+    monkeypatch.setenv("PROXY_CONFIG", str(folder / "config.json"))
+
+    result = run_script("usage.py", "alice@school.test")
+
+    assert result.returncode == 0, result.stderr
+    [totals] = [line for line in result.stdout.splitlines() if line.startswith(" ")]
+    assert totals.split() == ["3", "20", "27", "47"]
+    assert "gpt-4o-mini" in result.stdout
+    assert_no_plaintext_keys(folder)
+
+
+def test_create_refuses_to_touch_a_broken_keys_file(data_dir):
+    (data_dir / "keys.json").write_text('[{"key": "sk-a", "name": "A"')
+
+    result = run_script("create.py", "Ada", "ada@school.test")
+
+    assert result.returncode == 1
+    assert "not valid JSON" in result.stderr
+    assert (data_dir / "keys.json").read_text() == '[{"key": "sk-a", "name": "A"'

@@ -27,6 +27,7 @@ NODE_ROWS = [
 PROCESSES = 4
 ROWS_PER_PROCESS = 200
 BURST = 60
+FRESH_STORE_ROUNDS = 60
 
 
 def make_node_file(path):
@@ -155,6 +156,31 @@ def test_several_processes_writing_at_once_lose_no_row(tmp_path):
         path, "SELECT api_key, COUNT(DISTINCT prompt_tokens) FROM usage_log GROUP BY 1"
     )
     assert counts == [(f"sha256:writer{n}", ROWS_PER_PROCESS) for n in range(PROCESSES)]
+
+
+def open_fresh_store(path, start):
+    """Child process: open a new store as usage.py or a starting proxy would."""
+    start.wait()
+    db.init_db(path)
+    return db.record_usage(path, make_row("sha256:opener", 1))
+
+
+def test_several_processes_opening_a_fresh_store_at_once_all_succeed(tmp_path):
+    # The race is narrow: many fresh files make it show.
+    context = multiprocessing.get_context("spawn")
+    results = []
+    with context.Manager() as manager, context.Pool(PROCESSES) as pool:
+        for round_number in range(FRESH_STORE_ROUNDS):
+            path = str(tmp_path / f"usage-{round_number}.sqlite")
+            start = manager.Event()
+            pending = [
+                pool.apply_async(open_fresh_store, (path, start))
+                for _ in range(PROCESSES)
+            ]
+            start.set()
+            results += [result.get(timeout=60) for result in pending]
+
+    assert results == [True] * PROCESSES * FRESH_STORE_ROUNDS
 
 
 def test_a_burst_through_gunicorn_leaves_exactly_one_row_per_request(

@@ -21,10 +21,11 @@ logger = logging.getLogger(__name__)
 ACCESS_LOGGER_NAME = "proxy.access"
 
 # Strings longer than this that look like base64 (images, audio, files)
-# are cut to a short prefix.
+# are cut to a short prefix. Base64 may be wrapped in lines but holds no
+# spaces, so a long prompt of plain words is not taken for it.
 LONG_STRING = 256
 KEPT_PREFIX = 32
-BASE64_CHARACTERS = re.compile(r"^(data:[\w/+.-]+;base64,)?[A-Za-z0-9+/=_\-\s]+$")
+BASE64_CHARACTERS = re.compile(r"^(data:[\w/+.-]+;base64,)?[A-Za-z0-9+/=_\-\r\n]+$")
 MAX_LOGGED_BODY = 4000
 
 

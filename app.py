@@ -9,7 +9,7 @@ from functools import partial
 
 from flask import Flask, Response, current_app, g, jsonify, request
 from flask_cors import CORS
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import controls
@@ -110,6 +110,9 @@ def _make_private(settings, names):
 
 
 def _register_handlers(app):
+    # Werkzeug would answer /v1//host/x with a redirect built from the
+    # client's Host header; build_upstream_url refuses the empty segment.
+    app.url_map.merge_slashes = False
     app.before_request(authenticate)
     app.after_request(finish_request)
     app.add_url_rule("/health", view_func=health)
@@ -222,7 +225,7 @@ def _read_body(subpath, meter, cleanup):
 
 
 def _read_json_body(subpath, meter):
-    raw = request.get_data(cache=False)
+    raw = _read_whole_body()
     try:
         payload = json.loads(raw)
     except (ValueError, RecursionError) as error:
@@ -247,12 +250,26 @@ def _read_json_body(subpath, meter):
     return raw
 
 
+def _read_whole_body():
+    raw = request.get_data(cache=False)
+    # Werkzeug cuts a body sent without Content-Length (chunked) at the limit
+    # without a word; one more byte from the server's stream tells.
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if len(raw) >= limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+
+    return raw
+
+
 def _spool_multipart_body(subpath, cleanup):
-    folder = get_temp_folder(current_app.config["DATA_DIR"])
+    data_dir = current_app.config["DATA_DIR"]
+    folder = get_temp_folder(data_dir)
     start_sweeper(folder)
-    cleanup.enter_context(upload_slot(current_app.config["DATA_DIR"], g.student.fingerprint))
+    cleanup.enter_context(upload_slot(data_dir, g.student.fingerprint))
     # Several files of up to 50 MB each: the JSON limit does not apply here.
-    request.max_content_length = MAX_UPLOAD_BODY_BYTES
+    # One byte over, so that spool_upload sees a chunked body that is too
+    # long (werkzeug would cut it at the limit without a word).
+    request.max_content_length = MAX_UPLOAD_BODY_BYTES + 1
     upload = cleanup.enter_context(
         spool_upload(request.stream, request.mimetype_params, folder, subpath)
     )

@@ -4,6 +4,7 @@ Also switches a student off and on: `--disable EMAIL`, `--enable EMAIL`.
 """
 
 import csv
+import io
 import json
 
 import click
@@ -172,11 +173,15 @@ def _echo_single(added, email):
 
 
 def _echo_roster(added, skipped):
-    writer = csv.writer(click.get_text_stream("stdout"))
     if added:
+        # Built in memory: click.get_text_stream is deprecated in click 8.5.
+        table = io.StringIO()
+        writer = csv.writer(table)
         writer.writerow(["name", "email", "key"])
         for entry in added:
             writer.writerow([entry["name"], entry["email"], entry["key"]])
+
+        click.echo(table.getvalue(), nl=False)
 
     click.echo(f"added {len(added)}, skipped {len(skipped)} already present", err=True)
 

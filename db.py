@@ -143,9 +143,24 @@ def connect(path):
     connection = sqlite3.connect(
         path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
     )
-    connection.execute("PRAGMA journal_mode=WAL")
+    _use_wal(connection)
     connection.execute("PRAGMA synchronous=NORMAL")
     return connection
+
+
+def _use_wal(connection):
+    # Switching a new file to WAL needs an exclusive lock, and SQLite answers
+    # "locked" at once, without the busy timeout, when another process opens
+    # the file at the same moment; by the next try that one has switched it.
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if attempt == WRITE_ATTEMPTS:
+                raise
+
+            time.sleep(0.05 * attempt)
 
 
 def get_db(path):

@@ -8,7 +8,9 @@ the key.
 
 The proxy stats keys.json on every request (mtime, size and inode, so an
 atomic replace is seen too) and reloads it when it changed. A file that
-does not parse or validate keeps the last good set in force.
+does not parse or validate, or that suddenly lists nobody, leaves the last
+good set in force. That set is kept in keys.json.last-good, so every
+worker falls back to the same keys, including workers started later.
 """
 
 import hashlib
@@ -77,10 +79,10 @@ def parse_keys(text, source="keys.json"):
     seen = set()
     for number, entry in enumerate(entries, start=1):
         _check_entry(entry, number, source)
-        if entry["key"] in seen:
+        if entry["key"].strip() in seen:
             raise KeysFileError(f"{source}: entry {number} repeats another entry's key")
 
-        seen.add(entry["key"])
+        seen.add(entry["key"].strip())
 
     return entries
 
@@ -148,7 +150,7 @@ def index_students(entries):
         student = Student(
             name=entry["name"],
             email=entry["email"],
-            fingerprint=fingerprint(entry["key"]),
+            fingerprint=fingerprint(entry["key"].strip()),
             disabled=entry.get("disabled", False),
             entry=entry,
         )
@@ -169,14 +171,13 @@ class KeyRing:
     def load(self):
         """Load keys.json at start-up, creating an empty one if missing.
 
-        Raises KeysFileError: at start-up there is no last good set to keep.
+        A broken keys.json falls back to the last good set that any process
+        saw; raises KeysFileError when there is none.
         """
         if _create_empty_keys_file(self.path):
             logger.warning("created an empty %s: %s", self.path, HELP_ADD_KEY)
 
-        signature = _stat_signature(self.path)
-        self._students = index_students(parse_keys(_read(self.path), self.path))
-        self._signature = signature
+        self._reload(_stat_signature(self.path), required=True)
         if not self._students:
             logger.warning("no keys in %s yet: %s", self.path, HELP_ADD_KEY)
 
@@ -202,21 +203,52 @@ class KeyRing:
         """Return every Student in force."""
         return list(self._students.values())
 
-    def _reload(self, signature):
-        # Remember the signature even when the file is bad, so one bad save
-        # logs one error instead of one per request. On success, only after
-        # the new keys are in place: a thread that sees the new signature
-        # skips the lock and must find the new keys.
+    def _reload(self, signature, required=False):
+        # The signature is stored even for a bad file, so one bad save logs
+        # one error instead of one per request; and only once the keys in
+        # force are final: a thread that sees it matching skips the lock.
         try:
-            entries = parse_keys(_read(self.path), self.path)
+            entries = self._read_entries()
+            _write_atomically(self.last_good_path, entries)
         except (OSError, KeysFileError) as error:
-            self._signature = signature
-            logger.error("keeping the previous keys: %s", error)
-            return
+            entries = self._read_last_good(error, required)
 
-        self._students = index_students(entries)
+        if entries is not None:
+            self._students = index_students(entries)
+            verb = "loaded" if required else "reloaded"
+            logger.info("%s keys path=%s students=%d", verb, self.path, len(entries))
+
         self._signature = signature
-        logger.info("reloaded keys path=%s students=%d", self.path, len(entries))
+
+    @property
+    def last_good_path(self):
+        """Where the last good keys.json is kept, for every worker to share."""
+        return f"{self.path}.last-good"
+
+    def _read_entries(self):
+        entries = parse_keys(_read(self.path), self.path)
+        if not entries and self._students:
+            raise KeysFileError(
+                f"{self.path} has no entries; to switch everyone off, mark "
+                'their entries "disabled": true instead'
+            )
+
+        return entries
+
+    def _read_last_good(self, error, required):
+        # Every worker falls back to the same file, so all of them agree on
+        # who may enter, even those that never saw the last good save.
+        try:
+            entries = parse_keys(_read(self.last_good_path), self.last_good_path)
+        except (OSError, KeysFileError):
+            if required:
+                raise error from None
+
+            logger.error("keeping the last good keys: %s", error)
+            return None
+
+        logger.error("keeping the last good keys (%s): %s", self.last_good_path, error)
+        return entries
 
 
 def _stat_signature(path):

@@ -188,7 +188,14 @@ def _wait_until_healthy(proxy, seconds=20):
 
 
 def upstream_settings(fake_upstream):
-    return {"OPENAI_API_KEY": UPSTREAM_KEY, "OPENAI_BASE_URL": fake_upstream.url}
+    # Request limits are off unless a test turns them on: tests send bursts
+    # from one student that the default 60/minute and 10 at once would refuse.
+    return {
+        "OPENAI_API_KEY": UPSTREAM_KEY,
+        "OPENAI_BASE_URL": fake_upstream.url,
+        "RATE_LIMIT_PER_STUDENT": None,
+        "MAX_CONCURRENT_PER_STUDENT": None,
+    }
 
 
 @pytest.fixture(scope="session")

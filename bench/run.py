@@ -22,7 +22,6 @@ import re
 import resource
 import shutil
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import click
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
-from keys import fingerprint, generate_key, update_keys  # noqa: E402
+from keys import fingerprint, generate_key, update_keys
 
 UPSTREAM_KEY = "sk-bench-upstream-key"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -427,25 +426,24 @@ async def read_stream(session, url, payload, headers):
                     record["done"] = True
                 elif b'"usage":{' in line:
                     record["usage"] = json.loads(line[5:])["usage"]
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         record["ok"] = False
 
     return record
 
 
-async def upload(url, key, path):
-    """W3 client: one transcription upload of the file at `path`."""
+async def upload(url, key, file):
+    """W3 client: one transcription upload of the open `file`."""
     form = aiohttp.FormData()
     form.add_field("model", "whisper-1")
-    with open(path, "rb") as file:
-        form.add_field("file", file, filename="lesson.mp3", content_type="audio/mpeg")
-        timeout = aiohttp.ClientTimeout(total=WORKLOAD_SECONDS)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            started = time.perf_counter()
-            headers = {"Authorization": f"Bearer {key}"}
-            async with session.post(url, data=form, headers=headers) as answer:
-                await answer.read()
-                status = answer.status
+    form.add_field("file", file, filename="lesson.mp3", content_type="audio/mpeg")
+    timeout = aiohttp.ClientTimeout(total=WORKLOAD_SECONDS)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        started = time.perf_counter()
+        headers = {"Authorization": f"Bearer {key}"}
+        async with session.post(url, data=form, headers=headers) as answer:
+            await answer.read()
+            status = answer.status
 
     return {"seconds": time.perf_counter() - started, "status": status}
 
@@ -541,8 +539,8 @@ class Bench:
         base = self.proxy_url if through_proxy else self.upstream_url
         key = self.keys(1)[0] if through_proxy else UPSTREAM_KEY
         url = f"{base}/v1/audio/transcriptions"
-        with RssSampler(self.proxy.pid) as sampler:
-            outcome = asyncio.run(upload(url, key, path))
+        with open(path, "rb") as file, RssSampler(self.proxy.pid) as sampler:
+            outcome = asyncio.run(upload(url, key, file))
 
         outcome["proxy_rss_growth_mb"] = (sampler.peak - sampler.baseline) / 2**20
         outcome["proxy_rss_baseline_mb"] = sampler.baseline / 2**20
@@ -630,8 +628,7 @@ def run_w3(bench):
     path = bench.data_dir.parent / "upload.mp3"
     with open(path, "wb") as file:
         block = os.urandom(1024 * 1024)
-        for _ in range(megabytes):
-            file.write(block)
+        file.writelines(block for _ in range(megabytes))
 
     bench.results["W3"] = {
         "megabytes": megabytes,

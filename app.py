@@ -30,6 +30,7 @@ from forward import (
     build_client_headers,
     build_upstream_headers,
     build_upstream_url,
+    close_upstream,
     relay,
     send_upstream,
 )
@@ -161,13 +162,13 @@ def proxy(subpath):
         body,
         (settings["UPSTREAM_CONNECT_TIMEOUT"], settings["UPSTREAM_TIMEOUT"]),
     )
-    if upstream.status_code == 401:
-        upstream.close()
+    if upstream.status == 401:
+        close_upstream(upstream)
         _refuse_misconfigured_proxy()
 
     return Response(
         relay(upstream, meter),
-        status=upstream.status_code,
+        status=upstream.status,
         headers=build_client_headers(upstream.headers),
     )
 

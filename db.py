@@ -18,7 +18,7 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 
 from keys import fingerprint
 
@@ -157,7 +157,8 @@ def record_usage(path, row):
     error = None
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
-            get_db(path).execute(INSERT_ROW, astuple(row))
+            # Not dataclasses.astuple: it deep-copies every field.
+            get_db(path).execute(INSERT_ROW, [getattr(row, name) for name in ROW_COLUMNS])
             return True
         except sqlite3.Error as failure:
             error = failure

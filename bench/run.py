@@ -658,24 +658,33 @@ def run_w5(bench):
     prefill_rows(bench.usage_path, small_rows, bench.students)
     for keys in sizes["w5_keys"]:
         write_keys(bench.data_dir, bench.students[:keys])
-        cases.append(run_w5_case(bench, keys, small_rows))
+        cases.append(run_w5_case(bench, keys))
 
     write_keys(bench.data_dir, bench.students[: sizes["w5_keys"][0]])
     started = time.monotonic()
     prefill_rows(bench.usage_path, large_rows, bench.students)
     prefill_seconds = time.monotonic() - started
-    cases.append(run_w5_case(bench, sizes["w5_keys"][0], large_rows))
+    cases.append(run_w5_case(bench, sizes["w5_keys"][0]))
     bench.results["W5"] = {"cases": cases, "prefill_seconds": prefill_seconds}
 
 
-def run_w5_case(bench, keys, rows):
-    figures = bench.run_chats(True, bench.keys(keys), bench.sizes["w5_requests"])
+def run_w5_case(bench, keys):
+    # Best of two rounds: other load on a shared machine only ever adds CPU.
+    rows = count_rows(bench.usage_path)
+    rounds = [
+        bench.run_chats(True, bench.keys(keys), bench.sizes["w5_requests"])
+        for _ in range(2)
+    ]
+    best = min(rounds, key=lambda figures: figures["cpu_ms_per_request"]["proxy"])
     return {
         "keys": keys,
         "rows_before": rows,
-        "rps": figures["rps"],
-        "cpu_ms_per_request": figures["cpu_ms_per_request"]["proxy"],
-        "failures": figures["failures"],
+        "rps": best["rps"],
+        "cpu_ms_per_request": best["cpu_ms_per_request"]["proxy"],
+        "cpu_ms_per_request_rounds": [
+            figures["cpu_ms_per_request"]["proxy"] for figures in rounds
+        ],
+        "failures": sum(figures["failures"] for figures in rounds),
     }
 
 

@@ -18,7 +18,7 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
@@ -225,7 +225,8 @@ def record_usage(path, row):
 def _insert_with_totals(connection, row):
     connection.execute("BEGIN IMMEDIATE")
     try:
-        connection.execute(INSERT_ROW, astuple(row))
+        # Not dataclasses.astuple: it deep-copies every field.
+        connection.execute(INSERT_ROW, [getattr(row, name) for name in ROW_COLUMNS])
         if row.api_key is not None:
             zone = connection.execute("SELECT name FROM token_totals_zone").fetchone()
             tokens = row.total_tokens or 0

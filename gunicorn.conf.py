@@ -13,9 +13,17 @@ import os
 
 bind = os.environ.get("PROXY_BIND", "0.0.0.0:8080")
 worker_class = "gthread"
+# Chosen with bench/run.py on 2 cores (issue 6). One process per core: two
+# workers use both cores despite the GIL; four measured no cheaper per
+# request (W1: 2.1-2.6 ms of CPU against 2.4-2.5 for two) and cost two more
+# copies of the app in memory.
 workers = int(os.environ.get("PROXY_WORKERS", "2"))
-# workers * threads is how many requests (streams included) run at once.
-threads = int(os.environ.get("PROXY_THREADS", "128"))
+# workers * threads is how many requests (streams included) run at once: a
+# stream holds its thread to the end. 500 concurrent streams must all start,
+# and the kernel does not spread connections evenly over the workers, so
+# each worker gets room for more than half of them. Idle threads are not
+# created until needed.
+threads = int(os.environ.get("PROXY_THREADS", "384"))
 timeout = 60
 graceful_timeout = 30
 keepalive = 5

@@ -30,6 +30,9 @@ TERMINAL_EVENT_TYPES = frozenset(
 )
 
 EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# A "usage" key with a value other than null. With include_usage every chat
+# chunk carries "usage":null; only the events this finds are worth parsing.
+USAGE_VALUE = re.compile(rb'"usage"\s*:(?!\s*null\b)')
 
 # A non-streamed JSON answer larger than this is relayed but not metered.
 MAX_METERED_BODY = 64 * 1024 * 1024
@@ -134,7 +137,7 @@ class Meter:
 
     def read_event(self, event):
         """Record usage from one stream event; return False to hold it back."""
-        if b"usage" not in event:
+        if b"usage" not in event or not USAGE_VALUE.search(event):
             return True
 
         try:

@@ -1,0 +1,374 @@
+"""Benchmark: what the proxy adds on top of the upstream alone (issue 6).
+
+Starts tests/fake_upstream.py and `gunicorn wsgi:app` (the shipped
+gunicorn.conf.py) on 127.0.0.1, runs each workload straight to the
+upstream and then through the proxy, prints one table and writes JSON.
+
+    .venv/bin/python bench/run.py            # full run, about 2 minutes
+    .venv/bin/python bench/run.py --quick    # smaller counts, under 1 minute
+
+Client, upstream and proxy share the machine's cores, so wall-clock
+figures (throughput, latency) include the client's own cost in both
+columns alike. CPU figures do not: the proxy's CPU is read from /proc
+(utime + stime of the gunicorn master and its workers), the client's from
+getrusage, each on its own line.
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+from clients import open_streams, percentile, send_chats, upload
+from procs import (
+    PROJECT_DIR,
+    ROWS_SETTLE_SECONDS,
+    UPSTREAM_KEY,
+    RssSampler,
+    count_rows,
+    get_free_port,
+    list_tree,
+    make_students,
+    prefill_rows,
+    read_client_cpu_seconds,
+    read_cpu_seconds,
+    start_proxy,
+    start_upstream,
+    stop,
+    wait_for_rows,
+    wait_until_up,
+    write_keys,
+)
+from report import build_table, describe_machine, print_table
+
+FULL = {
+    "w1_requests": 5000,
+    "w1_concurrency": 32,
+    "w2_streams": 500,
+    "w2_chunks": 50,
+    "w2_interval_ms": 50,
+    "w3_megabytes": 50,
+    "w5_requests": 5000,
+    "w5_keys": (10, 100, 1000),
+    "w5_rows": (10_000, 1_000_000),
+    "warmup_requests": 500,
+}
+QUICK = {
+    **FULL,
+    "w1_requests": 1000,
+    "w2_streams": 200,
+    "w2_chunks": 20,
+    "w3_megabytes": 10,
+    "w5_requests": 1000,
+    "w5_rows": (10_000, 100_000),
+    "warmup_requests": 200,
+}
+
+
+class Bench:
+    """The running servers, the students and the results of one run."""
+
+    def __init__(self, work_dir, sizes):
+        self.sizes = sizes
+        self.data_dir = work_dir / "data"
+        self.data_dir.mkdir()
+        self.usage_path = self.data_dir / "usage.sqlite"
+        self.students = make_students(max(sizes["w5_keys"]))
+        self.results = {}
+
+    def __enter__(self):
+        self.upstream, self.upstream_url = start_upstream()
+        write_keys(self.data_dir, self.students[:10])
+        self.proxy, self.proxy_url = start_proxy(
+            self.data_dir, self.upstream_url, get_free_port()
+        )
+        wait_until_up(self.proxy, f"{self.proxy_url}/health")
+        return self
+
+    def __exit__(self, *exc):
+        stop(self.proxy)
+        stop(self.upstream)
+
+    def keys(self, count):
+        return [s["key"] for s in self.students[:count]]
+
+    def run_chats(self, through_proxy, keys, count):
+        """Run a W1 round; return figures with CPU per request by process."""
+        base = self.proxy_url if through_proxy else self.upstream_url
+        url = f"{base}/v1/chat/completions"
+        keys = keys if through_proxy else [UPSTREAM_KEY]
+        concurrency = self.sizes["w1_concurrency"]
+        asyncio.run(send_chats(url, keys, self.sizes["warmup_requests"], concurrency))
+        self.settle_rows()
+
+        before = self.read_cpu()
+        first_id = count_rows(self.usage_path)
+        outcome = asyncio.run(send_chats(url, keys, count, concurrency))
+        after = self.read_cpu()
+        figures = summarize_chats(outcome, before, after, count)
+        if through_proxy:
+            figures["rows"] = wait_for_rows(self.usage_path, first_id, count)
+
+        return figures
+
+    def settle_rows(self):
+        # Warm-up rows are written as responses close; let them land first.
+        last = -1
+        deadline = time.monotonic() + ROWS_SETTLE_SECONDS
+        while time.monotonic() < deadline and last != count_rows(self.usage_path):
+            last = count_rows(self.usage_path)
+            time.sleep(0.3)
+
+    def read_cpu(self):
+        return {
+            # Listed anew each time: workers may still be starting.
+            "proxy": read_cpu_seconds(list_tree(self.proxy.pid)),
+            "upstream": read_cpu_seconds([self.upstream.pid]),
+            "client": read_client_cpu_seconds(),
+        }
+
+    def run_streams(self, through_proxy):
+        sizes = self.sizes
+        base = self.proxy_url if through_proxy else self.upstream_url
+        keys = self.keys(10) if through_proxy else [UPSTREAM_KEY]
+        first_id = count_rows(self.usage_path)
+        before = self.read_cpu()
+        records = asyncio.run(
+            open_streams(
+                f"{base}/v1/chat/completions",
+                keys,
+                sizes["w2_streams"],
+                sizes["w2_chunks"],
+                sizes["w2_interval_ms"],
+                ask_usage=not through_proxy,
+            )
+        )
+        after = self.read_cpu()
+        figures = summarize_streams(records, sizes["w2_chunks"], before, after)
+        if through_proxy:
+            figures["rows"] = wait_for_rows(
+                self.usage_path, first_id, sizes["w2_streams"]
+            )
+
+        return figures
+
+    def run_upload(self, through_proxy, path):
+        base = self.proxy_url if through_proxy else self.upstream_url
+        key = self.keys(1)[0] if through_proxy else UPSTREAM_KEY
+        url = f"{base}/v1/audio/transcriptions"
+        with open(path, "rb") as file, RssSampler(self.proxy.pid) as sampler:
+            outcome = asyncio.run(upload(url, key, file))
+
+        outcome["proxy_rss_growth_mb"] = (sampler.peak - sampler.baseline) / 2**20
+        outcome["proxy_rss_baseline_mb"] = sampler.baseline / 2**20
+        return outcome
+
+
+def summarize_chats(outcome, before, after, count):
+    latencies = outcome["latencies"]
+    done = len(latencies)
+    return {
+        "requests": done,
+        "failures": outcome["failures"],
+        "rps": done / outcome["elapsed"],
+        "p50_ms": 1000 * percentile(latencies, 0.50),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+        "cpu_ms_per_request": {
+            name: 1000 * (after[name] - before[name]) / max(done, 1) for name in after
+        },
+        "usage_reported": outcome["usage"],
+        "complete": done == count,
+    }
+
+
+def summarize_streams(records, chunks, before, after):
+    delays = [d for r in records for d in r["delays"]]
+    firsts = [r["first"] for r in records if r["first"] is not None]
+    complete = sum(
+        1 for r in records if r["ok"] and r["done"] and len(r["delays"]) == chunks
+    )
+    usages = [r["usage"] for r in records if r["usage"]]
+    return {
+        "streams": len(records),
+        "complete": complete,
+        "chunks": len(delays),
+        "first_chunk_p50_ms": 1000 * (percentile(firsts, 0.5) or 0),
+        "first_chunk_p99_ms": 1000 * (percentile(firsts, 0.99) or 0),
+        "chunk_delay_p50_ms": 1000 * (percentile(delays, 0.5) or 0),
+        "chunk_delay_p99_ms": 1000 * (percentile(delays, 0.99) or 0),
+        "usage_per_stream": usages[0] if usages else None,
+        "cpu_seconds": {name: after[name] - before[name] for name in after},
+    }
+
+
+# The run, step by step.
+
+
+def run_w1(bench):
+    count = bench.sizes["w1_requests"]
+    bench.results["W1"] = {
+        "upstream": bench.run_chats(False, None, count),
+        "proxy": bench.run_chats(True, bench.keys(10), count),
+    }
+
+
+def run_w2(bench):
+    bench.results["W2"] = {
+        "upstream": bench.run_streams(False),
+        "proxy": bench.run_streams(True),
+    }
+
+
+def run_w4(bench):
+    w1, w2 = bench.results.get("W1"), bench.results.get("W2")
+    if w1 and w2:
+        bench.results["W4"] = check_accounting(
+            w1["proxy"], w2["upstream"], w2["proxy"], bench.sizes
+        )
+
+
+def check_accounting(w1_proxy, w2_direct, w2_proxy, sizes):
+    """Compare rows and token sums with what was sent and reported upstream."""
+    per_stream = w2_direct["usage_per_stream"] or {}
+    streams = sizes["w2_streams"]
+    expected_w2 = [
+        streams * per_stream.get(name, 0)
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+    ]
+    w1_rows, w2_rows = w1_proxy["rows"], w2_proxy["rows"]
+    return {
+        "W1": {
+            "sent": sizes["w1_requests"],
+            "rows": w1_rows[0],
+            "tokens_reported": w1_proxy["usage_reported"],
+            "tokens_stored": list(w1_rows[1:]),
+        },
+        "W2": {
+            "sent": streams,
+            "rows": w2_rows[0],
+            "tokens_reported": expected_w2,
+            "tokens_stored": list(w2_rows[1:]),
+        },
+    }
+
+
+def run_w3(bench):
+    megabytes = bench.sizes["w3_megabytes"]
+    path = bench.data_dir.parent / "upload.mp3"
+    with open(path, "wb") as file:
+        # 50 MB, not MiB: MAX_BODY_MB (MiB) must leave room for the form.
+        block = os.urandom(1_000_000)
+        file.writelines(block for _ in range(megabytes))
+
+    bench.results["W3"] = {
+        "megabytes": megabytes,
+        "upstream": bench.run_upload(False, path),
+        "proxy": bench.run_upload(True, path),
+    }
+    path.unlink()
+
+
+def run_w5(bench):
+    sizes = bench.sizes
+    small_rows, large_rows = sizes["w5_rows"]
+    cases = []
+    prefill_rows(bench.usage_path, small_rows, bench.students)
+    for keys in sizes["w5_keys"]:
+        write_keys(bench.data_dir, bench.students[:keys])
+        cases.append(run_w5_case(bench, keys))
+
+    write_keys(bench.data_dir, bench.students[: sizes["w5_keys"][0]])
+    started = time.monotonic()
+    prefill_rows(bench.usage_path, large_rows, bench.students)
+    prefill_seconds = time.monotonic() - started
+    cases.append(run_w5_case(bench, sizes["w5_keys"][0]))
+    bench.results["W5"] = {"cases": cases, "prefill_seconds": prefill_seconds}
+
+
+def run_w5_case(bench, keys):
+    # Best of two rounds: other load on a shared machine only ever adds CPU.
+    rows = count_rows(bench.usage_path)
+    rounds = [
+        bench.run_chats(True, bench.keys(keys), bench.sizes["w5_requests"])
+        for _ in range(2)
+    ]
+    best = min(rounds, key=lambda figures: figures["cpu_ms_per_request"]["proxy"])
+    return {
+        "keys": keys,
+        "rows_before": rows,
+        "rps": best["rps"],
+        "cpu_ms_per_request": best["cpu_ms_per_request"]["proxy"],
+        "cpu_ms_per_request_rounds": [
+            figures["cpu_ms_per_request"]["proxy"] for figures in rounds
+        ],
+        "failures": sum(figures["failures"] for figures in rounds),
+    }
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="Smaller counts; under a minute.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=PROJECT_DIR / "bench" / "results.json",
+    show_default=True,
+    help="Where to write the JSON results.",
+)
+@click.option(
+    "--only",
+    type=click.Choice(["W1", "W2", "W3", "W5"]),
+    multiple=True,
+    help="Run only these workloads (W4 comes with W1 plus W2).",
+)
+def main(quick, out, only):
+    """Measure the proxy against the fake upstream alone; print a table."""
+    sizes = QUICK if quick else FULL
+    only = set(only) or {"W1", "W2", "W3", "W5"}
+    started = time.monotonic()
+    work_dir = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
+    try:
+        with Bench(work_dir, sizes) as bench:
+            if "W1" in only:
+                run_w1(bench)
+            if "W2" in only:
+                run_w2(bench)
+            run_w4(bench)
+            if "W3" in only:
+                run_w3(bench)
+            if "W5" in only:
+                run_w5(bench)
+            results = bench.results
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    report = {
+        "machine": describe_machine(),
+        "sizes": sizes,
+        "gunicorn": read_gunicorn_settings(),
+        "seconds": time.monotonic() - started,
+        "results": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=list))
+    print_table(build_table(results))
+    click.echo(
+        f"\n{report['machine']['cpus']} CPUs shared by client, proxy and upstream; "
+        "proxy CPU from /proc (gunicorn master + workers), client CPU from getrusage."
+    )
+    click.echo(f"run took {report['seconds']:.0f} s; results in {out}")
+
+
+def read_gunicorn_settings():
+    env = os.environ
+    return {
+        "workers": env.get("PROXY_WORKERS", "conf default"),
+        "threads": env.get("PROXY_THREADS", "conf default"),
+    }
+
+
+if __name__ == "__main__":
+    main()

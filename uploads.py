@@ -45,7 +45,7 @@ AUDIO_ENDPOINTS = frozenset({"audio/transcriptions", "audio/translations"})
 AUDIO_EXTENSIONS = frozenset(
     {"mp3", "mp4", "mpeg", "mpga", "m4a", "wav", "webm", "flac", "ogg", "oga"}
 )
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024
 SWEEP_EVERY_SECONDS = 5 * 60
 STALE_AFTER_SECONDS = 10 * 60
 

@@ -128,17 +128,30 @@ async def read_stream(session, url, payload, headers):
     return record
 
 
-async def upload(url, key, file):
-    """W3 client: one transcription upload of the open `file`."""
-    form = aiohttp.FormData()
-    form.add_field("model", "whisper-1")
-    form.add_field("file", file, filename="lesson.mp3", content_type="audio/mpeg")
+async def upload(url, keys, paths):
+    """W3 client: transcription uploads of `paths` at once, one key each in turn.
+
+    Returns the wall time of the whole batch and every answer's status.
+    """
     timeout = aiohttp.ClientTimeout(total=WORKLOAD_SECONDS)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         started = time.perf_counter()
+        statuses = await asyncio.gather(
+            *(
+                _upload_one(session, url, keys[number % len(keys)], path)
+                for number, path in enumerate(paths)
+            )
+        )
+
+    return {"seconds": time.perf_counter() - started, "statuses": statuses}
+
+
+async def _upload_one(session, url, key, path):
+    with open(path, "rb") as file:
+        form = aiohttp.FormData()
+        form.add_field("model", "whisper-1")
+        form.add_field("file", file, filename="lesson.mp3", content_type="audio/mpeg")
         headers = {"Authorization": f"Bearer {key}"}
         async with session.post(url, data=form, headers=headers) as answer:
             await answer.read()
-            status = answer.status
-
-    return {"seconds": time.perf_counter() - started, "status": status}
+            return answer.status

@@ -128,6 +128,11 @@ def start_proxy(data_dir, upstream_url, port):
         "OPENAI_API_KEY": UPSTREAM_KEY,
         "OPENAI_BASE_URL": upstream_url,
         "DATA_DIR": str(data_dir),
+        # The limits stay on, so their cost is measured, but high enough that
+        # the benchmark's bursts from a few keys are never refused.
+        "RATE_LIMIT_PER_STUDENT": "1000000/minute",
+        "MAX_CONCURRENT_PER_STUDENT": 1000,
+        "DAILY_TOKEN_BUDGET": 10**12,
     }
     config_path.write_text(json.dumps(config))
     env = {**os.environ, "PROXY_CONFIG": str(config_path)}

@@ -4,7 +4,7 @@ import json
 import logging
 import time
 from contextlib import ExitStack
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 
 from flask import Flask, Response, current_app, g, jsonify, request
@@ -96,7 +96,9 @@ def create_app(config=None):
     controls.init_app(app, config)
     _warn_about_unsafe_settings(settings)
     logger.info(
-        "proxy ready upstream=%s data=%s", settings["OPENAI_BASE_URL"], settings["DATA_DIR"]
+        "proxy ready upstream=%s data=%s",
+        settings["OPENAI_BASE_URL"],
+        settings["DATA_DIR"],
     )
     return app
 
@@ -125,9 +127,13 @@ def _register_handlers(app):
 
 def _warn_about_unsafe_settings(settings):
     base_url = settings["OPENAI_BASE_URL"]
-    is_loopback = base_url.startswith(("http://127.", "http://localhost", "http://[::1]"))
+    is_loopback = base_url.startswith(
+        ("http://127.", "http://localhost", "http://[::1]")
+    )
     if base_url.startswith("http://") and not is_loopback:
-        logger.warning("OPENAI_BASE_URL is plain http: the OpenAI key travels unencrypted")
+        logger.warning(
+            "OPENAI_BASE_URL is plain http: the OpenAI key travels unencrypted"
+        )
 
 
 def health():
@@ -368,7 +374,7 @@ def _account(record):
 
 
 def _utc_now():
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -152,7 +152,9 @@ def _parse_env_value(name, raw, default):
         try:
             return type(default)(raw)
         except ValueError as error:
-            raise ConfigError(f"environment variable {name} must be a number") from error
+            raise ConfigError(
+                f"environment variable {name} must be a number"
+            ) from error
 
     if name in LIST_SETTINGS and raw != "*":
         return _split_list(raw)
@@ -179,7 +181,9 @@ def _check(settings, required):
         "ACCESS_LOG_MAX_MB",
     ):
         if not _is_positive_number(settings[name]):
-            raise ConfigError(f"{name} must be a positive number, not {settings[name]!r}")
+            raise ConfigError(
+                f"{name} must be a positive number, not {settings[name]!r}"
+            )
 
     for name in ("TRUSTED_PROXIES", "ACCESS_LOG_BACKUPS"):
         if not isinstance(settings[name], int) or settings[name] < 0:

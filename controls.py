@@ -88,7 +88,9 @@ def check_settings(settings):
 
     concurrent = settings["MAX_CONCURRENT_PER_STUDENT"]
     if concurrent is not None and not (is_budget(concurrent) and concurrent > 0):
-        raise ConfigError("MAX_CONCURRENT_PER_STUDENT must be a whole number > 0, or null")
+        raise ConfigError(
+            "MAX_CONCURRENT_PER_STUDENT must be a whole number > 0, or null"
+        )
 
     for name in ("ALLOWED_ENDPOINTS", "ALLOWED_MODELS"):
         value = settings[name]
@@ -146,13 +148,19 @@ class SettingsWatcher:
             return
 
         if settings["BUDGET_TIMEZONE"] != self.app.config["BUDGET_TIMEZONE"]:
-            db.use_budget_timezone(self.app.config["USAGE_DB"], settings["BUDGET_TIMEZONE"])
+            db.use_budget_timezone(
+                self.app.config["USAGE_DB"], settings["BUDGET_TIMEZONE"]
+            )
 
         changed = [n for n in settings if settings[n] != self.app.config.get(n)]
         self.app.config.update({n: settings[n] for n in RELOADED})
-        self.app.config["MAX_CONTENT_LENGTH"] = int(settings["MAX_BODY_MB"] * 1024 * 1024)
+        self.app.config["MAX_CONTENT_LENGTH"] = int(
+            settings["MAX_BODY_MB"] * 1024 * 1024
+        )
         waiting = sorted(set(changed) - set(RELOADED))
-        logger.info("reloaded settings path=%s changed=%s", self.path, ",".join(changed))
+        logger.info(
+            "reloaded settings path=%s changed=%s", self.path, ",".join(changed)
+        )
         if waiting:
             logger.warning("restart the proxy to apply: %s", ", ".join(waiting))
 
@@ -253,7 +261,9 @@ def _build_limit(name, key_function, scope):
         lambda: current_app.config[name] or "1/second",
         key_function=key_function,
         scope=scope,
-        exempt_when=lambda: g.get("student") is None or current_app.config[name] is None,
+        exempt_when=lambda: (
+            g.get("student") is None or current_app.config[name] is None
+        ),
     )
 
 

@@ -37,7 +37,12 @@ def add_students(path, people, extra=None):
                 skipped.append(email)
                 continue
 
-            entry = {"key": generate_key(), "name": name, "email": email, **(extra or {})}
+            entry = {
+                "key": generate_key(),
+                "name": name,
+                "email": email,
+                **(extra or {}),
+            }
             entries.append(entry)
             known.add(email.lower())
             added.append(entry)
@@ -112,8 +117,12 @@ def _check_person(name, email, where=""):
 @click.option("--total-budget", type=click.IntRange(min=0), help="Tokens in total.")
 @click.option("--expires", metavar="YYYY-MM-DD", help="Last day the key works.")
 @click.option("--disable", "to_disable", metavar="EMAIL", help="Switch a student off.")
-@click.option("--enable", "to_enable", metavar="EMAIL", help="Switch a student on again.")
-def main(name, email, roster, daily_budget, total_budget, expires, to_disable, to_enable):
+@click.option(
+    "--enable", "to_enable", metavar="EMAIL", help="Switch a student on again."
+)
+def main(
+    name, email, roster, daily_budget, total_budget, expires, to_disable, to_enable
+):
     """Make a key for a student and add it to keys.json.
 
     NAME and EMAIL are both required, unless --csv gives a whole class.
@@ -125,7 +134,9 @@ def main(name, email, roster, daily_budget, total_budget, expires, to_disable, t
         return
 
     if expires is not None and not is_day(expires):
-        raise click.BadParameter(f"{expires!r} is not a YYYY-MM-DD date", param_hint="--expires")
+        raise click.BadParameter(
+            f"{expires!r} is not a YYYY-MM-DD date", param_hint="--expires"
+        )
 
     if roster is None and not (name and email):
         raise click.UsageError("give a NAME and an EMAIL, or --csv FILE")

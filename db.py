@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from keys import fingerprint
@@ -141,7 +141,10 @@ _local = threading.local()
 def connect(path):
     """Open a connection tuned for many writers; autocommit mode."""
     connection = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+        path,
+        timeout=BUSY_TIMEOUT_SECONDS,
+        isolation_level=None,
+        check_same_thread=False,
     )
     _use_wal(connection)
     connection.execute("PRAGMA synchronous=NORMAL")
@@ -232,7 +235,8 @@ def _insert_with_totals(connection, row):
             tokens = row.total_tokens or 0
             day = get_local_day(row.date, zone[0] if zone else "UTC")
             connection.executemany(
-                ADD_TOKENS, [(row.api_key, day, tokens), (row.api_key, TOTAL_DAY, tokens)]
+                ADD_TOKENS,
+                [(row.api_key, day, tokens), (row.api_key, TOTAL_DAY, tokens)],
             )
 
         connection.execute("COMMIT")
@@ -249,7 +253,7 @@ def get_local_day(date, zone_name):
         return str(date)[:10]
 
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
 
     return moment.astimezone(ZoneInfo(zone_name)).date().isoformat()
 

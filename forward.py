@@ -87,7 +87,9 @@ def build_upstream_url(base_url, subpath, query_string=b""):
         if segment in ("", ".", "..") or not segment.isprintable() or "\\" in segment:
             raise BadRequest(f"invalid path /v1/{subpath}: use a plain API path")
 
-    path = "/".join(quote(segment, safe=SEGMENT_SAFE_CHARACTERS) for segment in segments)
+    path = "/".join(
+        quote(segment, safe=SEGMENT_SAFE_CHARACTERS) for segment in segments
+    )
     url = f"{base_url}/{path}"
     if query_string:
         query = query_string.decode("latin-1")

@@ -96,7 +96,9 @@ def _check_entry(entry, number, source):
             raise KeysFileError(f"{source}: entry {number} has no {name!r} text")
 
     if not isinstance(entry.get("disabled", False), bool):
-        raise KeysFileError(f"{source}: entry {number} 'disabled' must be true or false")
+        raise KeysFileError(
+            f"{source}: entry {number} 'disabled' must be true or false"
+        )
 
     if entry.get("role", "student") not in ROLES:
         raise KeysFileError(f"{source}: entry {number} 'role' must be one of {ROLES}")
@@ -139,7 +141,10 @@ def find_admin_key(key, admin_keys):
         return None
 
     return Student(
-        name="Teacher", email="(ADMIN_KEYS)", fingerprint=wanted, entry={"role": "admin"}
+        name="Teacher",
+        email="(ADMIN_KEYS)",
+        fingerprint=wanted,
+        entry={"role": "admin"},
     )
 
 

@@ -132,7 +132,9 @@ class Meter:
             return
 
         if isinstance(answer, dict):
-            self.model = answer.get("model") if isinstance(answer.get("model"), str) else None
+            self.model = (
+                answer.get("model") if isinstance(answer.get("model"), str) else None
+            )
             self.read_usage(answer.get("usage"))
 
     def read_event(self, event):

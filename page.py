@@ -10,10 +10,10 @@ import io
 from flask import Response, current_app, g, jsonify, request
 
 import db
+from budgets import get_budget_status
 from errors import BadRequest, Forbidden
 from keys import is_admin
 from periods import get_zone
-from budgets import get_budget_status
 from reports import build_class_report, build_student_report, write_class_csv
 
 # The page is self-contained: nothing may load from elsewhere, nothing inline.
@@ -73,7 +73,9 @@ def _build_class_report():
 
 
 def _get_budget(student):
-    return get_budget_status(student, current_app.config["USAGE_DB"], current_app.config)
+    return get_budget_status(
+        student, current_app.config["USAGE_DB"], current_app.config
+    )
 
 
 def _connect():

@@ -6,7 +6,7 @@ in that same text form, computed with zoneinfo, so a daylight-saving day
 has its 23 or 25 hours and SQLite compares plain strings on its index.
 """
 
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
@@ -22,7 +22,7 @@ def get_zone(name):
 
 def to_utc_text(moment):
     """Return an aware datetime as usage.sqlite's UTC text."""
-    utc = moment.astimezone(timezone.utc)
+    utc = moment.astimezone(UTC)
     return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -33,7 +33,7 @@ def start_of_day(day, zone):
 
 def get_today(zone, now=None):
     """Return the current date in `zone` (`now` is an aware datetime for tests)."""
-    return (now or datetime.now(timezone.utc)).astimezone(zone).date()
+    return (now or datetime.now(UTC)).astimezone(zone).date()
 
 
 def get_start_of_week(day):

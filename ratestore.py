@@ -111,7 +111,10 @@ class SqliteStorage(Storage):
 
 def _open(path):
     connection = sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+        path,
+        timeout=BUSY_TIMEOUT_SECONDS,
+        isolation_level=None,
+        check_same_thread=False,
     )
     connection.execute("PRAGMA journal_mode=WAL")
     # Counters are worth little after a power cut; skip the fsyncs.

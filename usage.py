@@ -4,7 +4,7 @@ import csv
 import io
 import json
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import click
 
@@ -159,7 +159,7 @@ def _collect_rows(connection, students, group, person, window, zone):
 def _list_days(connection, fingerprints, window, zone):
     since, until = window
     first = since or find_first_date(connection, fingerprints, until=until)
-    last = until or to_utc_text(datetime.now(timezone.utc))
+    last = until or to_utc_text(datetime.now(UTC))
     if first is None:
         return []
 

@@ -8,9 +8,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
+from conftest import UPSTREAM_KEY, add_student
 
 from accesslog import KEPT_PREFIX, describe_json_body
-from conftest import UPSTREAM_KEY, add_student
 
 IMAGE_BASE64 = base64.b64encode(bytes(range(256)) * 40).decode()
 AUDIO_BASE64 = base64.b64encode(b"RIFF" + bytes(8000)).decode()
@@ -205,7 +205,7 @@ def test_newlines_and_quotes_in_the_model_name_cannot_forge_a_line(
 
 
 def test_newlines_and_quotes_in_the_path_cannot_forge_a_line(proxy, upstream, student):
-    forged = '%22%0a2099-01-01T00:00:00Z%20user=%22Forged%22%0d%0a'
+    forged = "%22%0a2099-01-01T00:00:00Z%20user=%22Forged%22%0d%0a"
 
     status = send_raw(
         proxy,

@@ -2,7 +2,7 @@
 
 import json
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -81,7 +81,7 @@ def test_budget_status_uses_the_entry_override_and_the_zone_midnight(tmp_path):
     db.init_db(path)
     db.use_budget_timezone(path, "Asia/Tokyo")
     db.record_usage(path, make_row("sha256:aa", "2024-05-01T16:00:00.000Z", 40))
-    now = datetime(2024, 5, 1, 20, 0, tzinfo=timezone.utc)
+    now = datetime(2024, 5, 1, 20, 0, tzinfo=UTC)
     settings = {**SETTINGS, "BUDGET_TIMEZONE": "Asia/Tokyo", "TOTAL_TOKEN_BUDGET": 30}
 
     status = get_budget_status(make_student(daily_token_budget=50), path, settings, now)

@@ -11,9 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-
-import keys
-from config import normalize_base_url
 from conftest import (
     PROJECT_DIR,
     UPSTREAM_KEY,
@@ -23,6 +20,9 @@ from conftest import (
     get_free_port,
     stop_process,
 )
+
+import keys
+from config import normalize_base_url
 
 REQUESTS_PER_CHECK = 12
 WORKERS = 2
@@ -115,7 +115,9 @@ def hit_every_worker(proxy, key, phrase, workers=WORKERS):
 def test_invalid_config_json_stops_start_up_naming_the_file_and_line(tmp_path):
     config_path = tmp_path / "config.json"
     # The comma missing after line 3 is noticed on line 4.
-    config_path.write_text('{\n  "OPENAI_API_KEY": "sk-x",\n  "DATA_DIR": "."\n  "X": 1\n}')
+    config_path.write_text(
+        '{\n  "OPENAI_API_KEY": "sk-x",\n  "DATA_DIR": "."\n  "X": 1\n}'
+    )
 
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn", "wsgi:app", "--bind", "127.0.0.1:0"],

@@ -9,7 +9,6 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import openai
 import pytest
 import requests
-
 from conftest import PROJECT_DIR, add_student, wait_for_usage_rows
 
 UNLIMITED = {"RATE_LIMIT_PER_STUDENT": None, "MAX_CONCURRENT_PER_STUDENT": None}
@@ -22,7 +21,9 @@ def make_client():
 
     def build(proxy, student):
         made.append(
-            openai.OpenAI(base_url=f"{proxy.url}/v1", api_key=student.key, max_retries=0)
+            openai.OpenAI(
+                base_url=f"{proxy.url}/v1", api_key=student.key, max_retries=0
+            )
         )
         return made[-1]
 
@@ -87,12 +88,18 @@ def test_budget_runs_out_mid_burst_and_overshoots_only_by_requests_in_flight(
     assert len(upstream.requests()) == admitted
 
 
-def test_used_up_budget_says_which_and_when_it_resets(proxy_factory, upstream, make_client):
+def test_used_up_budget_says_which_and_when_it_resets(
+    proxy_factory, upstream, make_client
+):
     proxy = proxy_factory(DAILY_TOKEN_BUDGET=10, BUDGET_TIMEZONE="Asia/Tokyo")
     student = add_student(proxy.keys_path)
-    capped = add_student(proxy.keys_path, total_token_budget=10, daily_token_budget=None)
+    capped = add_student(
+        proxy.keys_path, total_token_budget=10, daily_token_budget=None
+    )
     for person in (student, capped):
-        make_client(proxy, person).chat.completions.create(model="gpt-4o-mini", messages=[])
+        make_client(proxy, person).chat.completions.create(
+            model="gpt-4o-mini", messages=[]
+        )
         wait_for_usage_rows(proxy.usage_path, person.fingerprint, 1)
 
     daily = requests.post(
@@ -111,7 +118,10 @@ def test_used_up_budget_says_which_and_when_it_resets(proxy_factory, upstream, m
     assert daily.status_code == total.status_code == 429
     assert daily.headers["x-should-retry"] == "false"
     error = daily.json()["error"]
-    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    assert (error["type"], error["code"]) == (
+        "insufficient_quota",
+        "insufficient_quota",
+    )
     assert "today's budget of 10 tokens" in error["message"]
     assert "T00:00:00+09:00" in error["message"]
     assert "total budget of 10 tokens" in total.json()["error"]["message"]
@@ -124,7 +134,9 @@ def ask_many(url, key, count):
     with requests.Session() as session:
         for _ in range(count):
             response = session.get(
-                f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10
+                f"{url}/v1/models",
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=10,
             )
             statuses.append(response.status_code)
             if response.status_code == 429:
@@ -133,7 +145,9 @@ def ask_many(url, key, count):
     return statuses, refusal
 
 
-def test_rate_limit_is_exact_across_workers_and_client_processes(proxy_factory, upstream):
+def test_rate_limit_is_exact_across_workers_and_client_processes(
+    proxy_factory, upstream
+):
     proxy = proxy_factory(workers=3, RATE_LIMIT_PER_STUDENT="10/minute")
     student = add_student(proxy.keys_path)
 
@@ -145,9 +159,15 @@ def test_rate_limit_is_exact_across_workers_and_client_processes(proxy_factory, 
     assert statuses.count(429) == 22
     headers, body = next(refusal for _, refusal in results if refusal)
     assert 0 < int(headers["Retry-After"]) <= 60
-    assert (headers["X-RateLimit-Limit"], headers["X-RateLimit-Remaining"]) == ("10", "0")
+    assert (headers["X-RateLimit-Limit"], headers["X-RateLimit-Remaining"]) == (
+        "10",
+        "0",
+    )
     assert "X-RateLimit-Reset" in headers
-    assert (body["error"]["type"], body["error"]["code"]) == ("requests", "rate_limit_exceeded")
+    assert (body["error"]["type"], body["error"]["code"]) == (
+        "requests",
+        "rate_limit_exceeded",
+    )
     assert len(upstream.requests()) == 10
 
 
@@ -160,10 +180,15 @@ def test_global_rate_limit_counts_every_student_together(proxy_factory, upstream
 
     statuses = [status for result, _ in results for status in result]
     assert statuses.count(200) == 5
-    assert "for everyone together" in next(r for _, r in results if r)[1]["error"]["message"]
+    assert (
+        "for everyone together"
+        in next(r for _, r in results if r)[1]["error"]["message"]
+    )
 
 
-def test_concurrent_requests_per_student_are_capped(proxy_factory, upstream, make_client):
+def test_concurrent_requests_per_student_are_capped(
+    proxy_factory, upstream, make_client
+):
     proxy = proxy_factory(MAX_CONCURRENT_PER_STUDENT=2)
     student = add_student(proxy.keys_path)
     client = make_client(proxy, student)
@@ -276,7 +301,13 @@ def test_disabled_key_is_switched_back_on_with_create(proxy, upstream, make_clie
 
 def test_create_sets_budgets_and_expiry_on_a_new_key(proxy):
     made = run_create(
-        proxy, "Ada", "ada@school.test", "--daily-budget", "500", "--expires", "2030-06-30"
+        proxy,
+        "Ada",
+        "ada@school.test",
+        "--daily-budget",
+        "500",
+        "--expires",
+        "2030-06-30",
     )
 
     entry = json.loads(made.stdout)
@@ -321,7 +352,9 @@ def test_retry_after_is_ours_only_on_our_refusals(proxy_factory, upstream):
 
     answered = requests.get(f"{proxy.url}/v1/models", headers=headers, timeout=10)
     busy = requests.get(
-        f"{proxy.url}/v1/models", headers={**headers, "x-fake-status": "429"}, timeout=10
+        f"{proxy.url}/v1/models",
+        headers={**headers, "x-fake-status": "429"},
+        timeout=10,
     )
 
     assert answered.status_code == 200

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
-
 from test_page import ADMIN_KEY, school  # noqa: F401  (the shared class fixture)
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

@@ -12,9 +12,9 @@ from dataclasses import astuple
 
 import pytest
 import requests
+from conftest import PROJECT_DIR, add_student, stop_process, wait_for_usage_rows
 
 import db
-from conftest import PROJECT_DIR, add_student, stop_process, wait_for_usage_rows
 from keys import fingerprint
 
 NODE_SCHEMA = (

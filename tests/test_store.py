@@ -5,9 +5,9 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
+from conftest import wait_for_usage_rows
 
 import db
-from conftest import wait_for_usage_rows
 from keys import fingerprint
 
 NODE_SCHEMA = (

@@ -7,6 +7,7 @@ clean-up is needed. The count is per machine: several machines behind one
 address each allow the full number.
 """
 
+from functools import cache
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -14,8 +15,13 @@ from filelock import FileLock, Timeout
 SLOTS_FOLDER_NAME = "slots"
 
 
+@cache
 def get_slots_folder(data_dir):
-    """Return the folder of slot lock files inside the data folder, creating it."""
+    """Return the folder of slot lock files inside the data folder, creating it.
+
+    Cached: it is asked for on every request; filelock recreates the folder
+    if somebody deletes it while the proxy runs.
+    """
     folder = Path(data_dir) / SLOTS_FOLDER_NAME
     folder.mkdir(parents=True, exist_ok=True)
     return folder

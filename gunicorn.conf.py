@@ -35,24 +35,37 @@ preload_app = True
 control_socket_disable = True
 
 
-def _get_uploads_folder():
+# The uploads folder, found once the app has loaded: a config.json saved
+# with a mistake later must not break these hooks, or the master with them.
+_uploads_folder = None
+
+
+def when_ready(server):
+    """Remember where uploads are spooled, from the configuration just loaded."""
+    global _uploads_folder
     from config import get_data_path, load_settings
     from uploads import TEMP_FOLDER_NAME
 
-    return get_data_path(load_settings(require_api_key=False), TEMP_FOLDER_NAME)
+    try:
+        settings = load_settings(require_api_key=False)
+    except Exception:  # the app loaded; only the clean-up hooks go without
+        server.log.exception("cannot find the uploads folder; no clean-up on exit")
+        return
+
+    _uploads_folder = get_data_path(settings, TEMP_FOLDER_NAME)
 
 
 def child_exit(server, worker):
     """When a worker dies (crash or kill), delete the uploads it was receiving."""
     from uploads import remove_uploads_of
 
-    remove_uploads_of(_get_uploads_folder(), worker.pid)
+    if _uploads_folder is not None:
+        remove_uploads_of(_uploads_folder, worker.pid)
 
 
 def on_exit(server):
     """On a graceful shutdown, delete uploads no request will finish now."""
     from uploads import sweep
 
-    folder = _get_uploads_folder()
-    if folder.is_dir():
-        sweep(folder, older_than=-1)
+    if _uploads_folder is not None and _uploads_folder.is_dir():
+        sweep(_uploads_folder, older_than=-1)

@@ -140,9 +140,12 @@ def spool_upload(stream, content_type_options, folder, endpoint):
 
 
 def remove_uploads_of(folder, pid):
-    """Delete the uploads a dead worker process was still receiving."""
-    for path in Path(folder).glob(f"{pid}-*.upload"):
-        path.unlink(missing_ok=True)
+    """Delete the uploads a dead worker process was still receiving; never raises."""
+    try:
+        for path in Path(folder).glob(f"{pid}-*.upload"):
+            path.unlink(missing_ok=True)
+    except OSError:
+        logger.exception("could not delete a dead worker's uploads pid=%s", pid)
 
 
 def _copy_and_check(stream, spool, decoder, upload):

@@ -291,3 +291,19 @@ def test_upload_rejects_client_side_key_check_first(proxy, upstream, make_client
         stranger.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"x"))
 
     assert upstream.requests() == []
+
+
+def test_a_worker_dying_while_config_json_is_broken_leaves_the_proxy_up(
+    proxy_factory, upstream
+):
+    running = proxy_factory(workers=1)
+    config_path = running.data_dir / "config.json"
+    config_path.write_text(config_path.read_text()[:-1])  # a save gone wrong
+
+    [worker] = _worker_pids(running.process.pid)
+    os.kill(worker, signal.SIGKILL)
+
+    student = add_student(running.keys_path)
+    answer = _post_when_a_worker_is_back(running, student)
+    assert answer.status_code == 200
+    assert running.process.poll() is None

@@ -314,6 +314,7 @@ def finish_request(response):
         "meter": g.get("meter"),
         "body": _without_key(g.get("body"), g.get("presented_key")),
         "usage_db": current_app.config["USAGE_DB"],
+        "request_bytes": request.content_length or 0,
     }
     if request.method != "OPTIONS":
         response.call_on_close(partial(_account, record))
@@ -330,6 +331,7 @@ def _account(record):
     # Runs when the response is closed: after the last byte, or when the
     # client went away, so duration, tokens and `partial` are final.
     meter = record["meter"] or Meter()
+    estimated = meter.estimate_cut_stream(record["request_bytes"])
     model = record["model"] or meter.model
     duration_ms = int((time.monotonic() - record["started"]) * 1000)
     student = record["student"]
@@ -352,6 +354,7 @@ def _account(record):
                 streamed=meter.streamed,
                 partial=meter.partial,
                 audio_seconds=meter.audio_seconds,
+                tokens_estimated=estimated,
             ),
         )
 

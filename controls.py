@@ -20,7 +20,7 @@ import threading
 from datetime import date, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from flask import current_app, g
+from flask import current_app, g, request
 from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
 from limits import parse_many
 
@@ -175,12 +175,24 @@ def _stat_signature(path):
 
 
 def check_student(student, path):
-    """Refuse an expired key, a disallowed endpoint or a used-up budget."""
+    """Refuse an expired key, a disallowed endpoint or a used-up budget.
+
+    Only API calls are refused: a student over budget, expired or rate
+    limited can still read their usage page, which is when they need it.
+    """
     settings = current_app.config
     current_app.extensions["settings_watcher"].refresh()
+    if not is_api_call(path):
+        return
+
     _check_expiry(student, settings["BUDGET_TIMEZONE"])
     _check_endpoint(path.removeprefix("/v1/"), settings["ALLOWED_ENDPOINTS"])
     check_budget(student, settings["USAGE_DB"], settings)
+
+
+def is_api_call(path):
+    """Tell whether a path is forwarded upstream (and so limited and metered)."""
+    return path.startswith("/v1/")
 
 
 def _check_expiry(student, zone_name):
@@ -262,7 +274,9 @@ def _build_limit(name, key_function, scope):
         key_function=key_function,
         scope=scope,
         exempt_when=lambda: (
-            g.get("student") is None or current_app.config[name] is None
+            g.get("student") is None
+            or current_app.config[name] is None
+            or not is_api_call(request.path)
         ),
     )
 
@@ -287,7 +301,7 @@ def _answer_rate_limited(error):
 def _hold_slot():
     # Runs after flask-limiter's check, so a refused request holds no slot.
     student, most = g.get("student"), current_app.config["MAX_CONCURRENT_PER_STUDENT"]
-    if student is None or most is None:
+    if student is None or most is None or not is_api_call(request.path):
         return
 
     owner = "request-" + student.fingerprint.removeprefix("sha256:")[:32]

@@ -92,6 +92,12 @@ def _add_token_totals(connection):
 
 
 # Applied in order; PRAGMA user_version counts the steps a file has had.
+def _add_estimated_column(connection):
+    connection.execute(
+        "ALTER TABLE usage_log ADD COLUMN tokens_estimated INTEGER NOT NULL DEFAULT 0"
+    )
+
+
 MIGRATIONS = (
     _create_node_table,
     _add_request_columns,
@@ -99,6 +105,7 @@ MIGRATIONS = (
     _normalize_node_dates,
     _index_student_and_date,
     _add_token_totals,
+    _add_estimated_column,
 )
 
 TOTAL_DAY = "all"
@@ -127,6 +134,8 @@ class UsageRow:
     streamed: bool
     partial: bool
     audio_seconds: float | None = None
+    # The proxy's estimate, not the upstream's count (a stream cut short).
+    tokens_estimated: bool = False
 
 
 ROW_COLUMNS = tuple(f.name for f in fields(UsageRow))

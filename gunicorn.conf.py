@@ -10,6 +10,7 @@ threads wait on the upstream, so a ten-minute stream is not killed.
 """
 
 import os
+from pathlib import Path
 
 bind = os.environ.get("PROXY_BIND", "0.0.0.0:8080")
 worker_class = "gthread"
@@ -41,18 +42,12 @@ _uploads_folder = None
 
 
 def when_ready(server):
-    """Remember where uploads are spooled, from the configuration just loaded."""
+    """Remember where uploads are spooled, from the app the master loaded."""
     global _uploads_folder
-    from config import get_data_path, load_settings
     from uploads import TEMP_FOLDER_NAME
 
-    try:
-        settings = load_settings(require_api_key=False)
-    except Exception:  # the app loaded; only the clean-up hooks go without
-        server.log.exception("cannot find the uploads folder; no clean-up on exit")
-        return
-
-    _uploads_folder = get_data_path(settings, TEMP_FOLDER_NAME)
+    flask_app = server.app.wsgi()
+    _uploads_folder = Path(flask_app.config["DATA_DIR"]) / TEMP_FOLDER_NAME
 
 
 def child_exit(server, worker):

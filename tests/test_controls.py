@@ -362,3 +362,60 @@ def test_retry_after_is_ours_only_on_our_refusals(proxy_factory, upstream):
     assert answered.headers["X-RateLimit-Remaining"] == "49"
     assert busy.status_code == 429
     assert busy.headers["Retry-After"] == "0"  # the upstream's, unchanged
+
+
+def test_a_student_refused_by_every_control_still_reads_their_usage(
+    proxy_factory, upstream
+):
+    proxy = proxy_factory(
+        RATE_LIMIT_PER_STUDENT="1/minute",
+        ALLOWED_ENDPOINTS=["chat/completions"],
+        DAILY_TOKEN_BUDGET=10,
+    )
+    student = add_student(proxy.keys_path, expires="2020-01-01")
+    headers = {"Authorization": f"Bearer {student.key}"}
+    refused = requests.post(
+        f"{proxy.url}/v1/chat/completions", headers=headers, json={}, timeout=10
+    )
+
+    pages = [
+        requests.get(f"{proxy.url}/api/usage", headers=headers, timeout=10)
+        for _ in range(3)
+    ]
+
+    assert refused.status_code == 403
+    assert [page.status_code for page in pages] == [200, 200, 200]
+    assert pages[0].json()["email"] == student.email
+
+
+def test_streams_stopped_before_their_usage_still_use_up_the_budget(
+    proxy_factory, upstream
+):
+    proxy = proxy_factory(DAILY_TOKEN_BUDGET=30)
+    student = add_student(proxy.keys_path)
+    headers = {
+        "Authorization": f"Bearer {student.key}",
+        "x-fake-chunks": "40",
+        "x-fake-interval-ms": "20",
+    }
+    body = {"model": "gpt-4o-mini", "messages": [], "stream": True}
+
+    statuses = []
+    for _ in range(5):
+        with requests.post(
+            f"{proxy.url}/v1/chat/completions",
+            headers=headers,
+            json=body,
+            stream=True,
+            timeout=10,
+        ) as answer:
+            statuses.append(answer.status_code)
+            if answer.ok:
+                # Read most of the stream, then hang up before the usage chunk.
+                lines = [line for _, line in zip(range(60), answer.iter_lines())]
+                assert lines
+
+        wait_for_usage_rows(proxy.usage_path, student.fingerprint, statuses.count(200))
+
+    assert statuses[0] == 200
+    assert 429 in statuses

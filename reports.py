@@ -276,15 +276,17 @@ def write_class_csv(people, file):
     writer = csv.writer(file, lineterminator="\n")
     writer.writerow(CLASS_CSV_COLUMNS)
     for person in people:
+        budget = person["budget"] or {"daily": {}, "total": {}}
         row = {
             **person,
-            "daily_budget_left": person["budget"]["daily"]["remaining"],
-            "total_budget_left": person["budget"]["total"]["remaining"],
+            "daily_budget_left": budget["daily"].get("remaining"),
+            "total_budget_left": budget["total"].get("remaining"),
         }
-        writer.writerow([_to_csv_cell(row[name]) for name in CLASS_CSV_COLUMNS])
+        writer.writerow([to_csv_cell(row[name]) for name in CLASS_CSV_COLUMNS])
 
 
-def _to_csv_cell(value):
+def to_csv_cell(value):
+    """Return a value as a CSV cell a spreadsheet shows but never runs."""
     if value is None:
         return ""
 

@@ -20,6 +20,7 @@ from reports import (
     summarize_days,
     summarize_models,
     summarize_students,
+    to_csv_cell,
 )
 
 DAY = click.DateTime(formats=["%Y-%m-%d"])
@@ -183,7 +184,7 @@ def _format_csv(rows, columns):
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([name for name, _ in columns])
     for row in rows:
-        writer.writerow(["" if row[name] is None else row[name] for name, _ in columns])
+        writer.writerow([to_csv_cell(row[name]) for name, _ in columns])
 
     return buffer.getvalue()
 

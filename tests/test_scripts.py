@@ -400,3 +400,17 @@ def test_create_refuses_to_touch_a_broken_keys_file(data_dir):
     assert result.returncode == 1
     assert "not valid JSON" in result.stderr
     assert (data_dir / "keys.json").read_text() == '[{"key": "sk-a", "name": "A"'
+
+
+def test_usage_csv_does_not_let_a_student_chosen_text_become_a_formula(data_dir):
+    student = add_student(data_dir / "keys.json", name="=HYPERLINK(1)")
+    insert_rows(data_dir, [make_row(student, "+SUM(1+1)", 10, 5)])
+
+    by_student = run_script("usage.py", "--csv")
+    by_model = run_script("usage.py", "--csv", "--by", "model")
+
+    assert by_student.returncode == 0, by_student.stderr
+    assert "'=HYPERLINK(1)" in by_student.stdout
+    assert "'+SUM(1+1)" in by_model.stdout
+    lines = by_student.stdout.splitlines() + by_model.stdout.splitlines()
+    assert not any(cell.startswith(("=", "+")) for line in lines for cell in line.split(","))

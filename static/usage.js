@@ -9,6 +9,9 @@ const SVG = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
 const formatNumber = (value) => (value == null ? "–" : numbers.format(value));
+// Chart axis labels have little room: "25M" rather than "25,000,154".
+const compactNumbers = new Intl.NumberFormat(undefined, { notation: "compact" });
+const formatCompact = (value) => compactNumbers.format(value);
 const TIME_FORMAT = { month: "short", day: "numeric", hour: "numeric", minute: "2-digit" };
 const formatTime = (text) => (text ? new Date(text).toLocaleString([], TIME_FORMAT) : "never");
 
@@ -119,6 +122,8 @@ const RECENT_COLUMNS = [
 ];
 
 const budgetLeft = (row) => {
+  // No budget for people whose key is no longer in keys.json.
+  if (!row.budget) return null;
   const left = [row.budget.daily.remaining, row.budget.total.remaining].filter((v) => v != null);
   return left.length ? Math.min(...left) : null;
 };
@@ -253,7 +258,7 @@ function drawChart(box, days) {
     "aria-label": "Tokens per day",
   });
   svg.append(svgElement("line", { class: "axis", x1: left, x2: width, y1: top, y2: top }));
-  svg.append(svgLabel(formatNumber(most), left - 6, top + 4, "end"));
+  svg.append(svgLabel(formatCompact(most), left - 6, top + 4, "end"));
   svg.append(svgLabel("0", left - 6, height - bottom, "end"));
   days.forEach((day, index) => {
     const barHeight = Math.max(day.total_tokens * scale, 1);

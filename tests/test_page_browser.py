@@ -185,3 +185,25 @@ def test_teacher_table_sorts_by_a_clicked_column(open_page, school):  # noqa: F8
     expect(header).to_have_attribute("aria-sort", "ascending")
     assert_fits_the_screen(page)
     save_screenshot(page, "usage-teacher-phone")
+
+
+def test_a_term_of_large_numbers_still_fits_a_phone(open_page, school):  # noqa: F811
+    page = open_page()
+
+    def inflate(route):
+        # The real answer, with the figures a busy term reaches.
+        answer = route.fetch()
+        report = answer.json()
+        for period in report["periods"].values():
+            period["total_tokens"] = 25_000_154
+        report["days"][-1]["total_tokens"] = 25_000_154
+        route.fulfill(response=answer, json=report)
+
+    page.route("**/api/usage*", inflate)
+    enter_key(page, school["ann"].key)
+
+    total = page.locator('.big[data-period="total"]')
+    expect(total).to_have_text("25,000,154")
+    assert total.bounding_box()["height"] < 32  # on one line, not broken
+    assert_fits_the_screen(page)
+    save_screenshot(page, "usage-student-large-numbers")

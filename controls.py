@@ -104,17 +104,24 @@ def check_settings(settings):
     ):
         raise ConfigError("DEFAULT_MODEL must be a model name, or null")
 
+    default, allowed = settings["DEFAULT_MODEL"], settings["ALLOWED_MODELS"]
+    if default is not None and allowed is not None and not _is_allowed(default, allowed):
+        raise ConfigError(f"DEFAULT_MODEL {default!r} is not in ALLOWED_MODELS")
+
 
 def _check_rate(name, value):
     if value is None:
         return
 
     try:
-        parse_many(value)
+        limits = parse_many(value)
     except (ValueError, TypeError) as error:
         raise ConfigError(
             f'{name} must read like "60/minute" or "60/minute;1000/day", not {value!r}'
         ) from error
+
+    if any(limit.amount < 1 for limit in limits):
+        raise ConfigError(f"{name} of 0 would refuse every request; use null for none")
 
 
 class SettingsWatcher:
@@ -135,11 +142,22 @@ class SettingsWatcher:
 
         with self._lock:
             if signature != self._signature:
-                self._reload()
+                self._reload(removed=signature is None)
                 # Only now: a thread seeing the new signature skips the lock.
                 self._signature = signature
 
-    def _reload(self):
+    def _reload(self, removed=False):
+        if removed:
+            # Likely a slip (or an editor's save dance): switching budgets and
+            # allowlists off because a file vanished would lose the class's
+            # limits without a word.
+            logger.warning(
+                "%s was removed: keeping the current settings; restart the proxy "
+                "to run from environment variables only",
+                self.path,
+            )
+            return
+
         try:
             settings = load_settings(overrides=self.overrides)
             check_settings(settings)
@@ -233,15 +251,17 @@ def apply_model_rules(payload):
     return changed
 
 
+def _is_allowed(model, patterns):
+    return any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
+
+
 def check_model(model):
     """Refuse a model outside ALLOWED_MODELS; a request naming none passes."""
     allowed = current_app.config["ALLOWED_MODELS"]
     if allowed is None or model is None:
         return
 
-    if not isinstance(model, str) or not any(
-        fnmatch.fnmatchcase(model, pattern) for pattern in allowed
-    ):
+    if not isinstance(model, str) or not _is_allowed(model, allowed):
         raise Forbidden(
             f"The model {model!r} is not allowed on this proxy. Allowed models: "
             f"{', '.join(allowed) or 'none'}.",

@@ -217,8 +217,9 @@ class KeyRing:
             _write_atomically(self.last_good_path, entries)
         except (OSError, KeysFileError) as error:
             entries = self._read_last_good(error, required)
-
-        if entries is not None:
+            if entries is not None:
+                self._students = index_students(entries)
+        else:
             self._students = index_students(entries)
             verb = "loaded" if required else "reloaded"
             logger.info("%s keys path=%s students=%d", verb, self.path, len(entries))

@@ -8,6 +8,8 @@ import pytest
 
 import db
 from budgets import get_budget_status
+from config import DEFAULTS, ConfigError
+from controls import check_settings
 from keys import KeysFileError, Student, parse_keys
 
 SETTINGS = {
@@ -109,3 +111,17 @@ def test_bad_control_fields_in_keys_json_are_rejected(field):
 
     with pytest.raises(KeysFileError):
         parse_keys(json.dumps([entry]))
+
+
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        ({"RATE_LIMIT_PER_STUDENT": "0/minute"}, "RATE_LIMIT_PER_STUDENT"),
+        ({"DEFAULT_MODEL": "gpt-4o", "ALLOWED_MODELS": ["gpt-4o-mini"]}, "DEFAULT_MODEL"),
+    ],
+)
+def test_settings_that_would_refuse_every_request_are_refused(bad, named):
+    settings = {**DEFAULTS, "OPENAI_API_KEY": "sk-x", **bad}
+
+    with pytest.raises(ConfigError, match=named):
+        check_settings(settings)

@@ -419,3 +419,20 @@ def test_streams_stopped_before_their_usage_still_use_up_the_budget(
 
     assert statuses[0] == 200
     assert 429 in statuses
+
+
+def test_removing_config_json_keeps_the_class_limits(proxy_factory, upstream):
+    proxy = proxy_factory(ALLOWED_MODELS=["gpt-4o-mini"])
+    student = add_student(proxy.keys_path)
+    headers = {"Authorization": f"Bearer {student.key}"}
+
+    (proxy.data_dir / "config.json").unlink()
+    answer = requests.post(
+        f"{proxy.url}/v1/chat/completions",
+        headers=headers,
+        json={"model": "gpt-4o", "messages": []},
+        timeout=10,
+    )
+
+    assert answer.status_code == 403
+    assert "was removed: keeping the current settings" in proxy.log()

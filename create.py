@@ -116,12 +116,25 @@ def _check_person(name, email, where=""):
 @click.option("--daily-budget", type=click.IntRange(min=0), help="Tokens per day.")
 @click.option("--total-budget", type=click.IntRange(min=0), help="Tokens in total.")
 @click.option("--expires", metavar="YYYY-MM-DD", help="Last day the key works.")
+@click.option(
+    "--teacher",
+    is_flag=True,
+    help="Make a teacher key: it also sees the whole class on the usage page.",
+)
 @click.option("--disable", "to_disable", metavar="EMAIL", help="Switch a student off.")
 @click.option(
     "--enable", "to_enable", metavar="EMAIL", help="Switch a student on again."
 )
 def main(
-    name, email, roster, daily_budget, total_budget, expires, to_disable, to_enable
+    name,
+    email,
+    roster,
+    daily_budget,
+    total_budget,
+    expires,
+    teacher,
+    to_disable,
+    to_enable,
 ):
     """Make a key for a student and add it to keys.json.
 
@@ -156,6 +169,7 @@ def main(
             ("daily_token_budget", daily_budget),
             ("total_token_budget", total_budget),
             ("expires", expires),
+            ("role", "admin" if teacher else None),
         )
         if value is not None
     }

@@ -15,7 +15,6 @@ limits, and a teacher who wants more gives that entry its own budgets.
 
 import fnmatch
 import logging
-import os
 import threading
 from datetime import date, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -29,7 +28,7 @@ import ratestore  # noqa: F401 (registers the sqlite:// storage scheme)
 from budgets import check_budget
 from config import ConfigError, get_config_path, get_data_path, load_settings
 from errors import Forbidden, RateLimited, error_response
-from keys import is_budget
+from keys import is_budget, stat_signature
 from slots import get_slots_folder, take_slot
 
 logger = logging.getLogger(__name__)
@@ -105,7 +104,11 @@ def check_settings(settings):
         raise ConfigError("DEFAULT_MODEL must be a model name, or null")
 
     default, allowed = settings["DEFAULT_MODEL"], settings["ALLOWED_MODELS"]
-    if default is not None and allowed is not None and not _is_allowed(default, allowed):
+    if (
+        default is not None
+        and allowed is not None
+        and not _is_allowed(default, allowed)
+    ):
         raise ConfigError(f"DEFAULT_MODEL {default!r} is not in ALLOWED_MODELS")
 
 
@@ -131,12 +134,12 @@ class SettingsWatcher:
         self.app = app
         self.overrides = overrides
         self.path = get_config_path()
-        self._signature = _stat_signature(self.path)
+        self._signature = stat_signature(self.path)
         self._lock = threading.Lock()
 
     def refresh(self):
         """Apply config.json if it changed since the last look; cheap otherwise."""
-        signature = _stat_signature(self.path)
+        signature = stat_signature(self.path)
         if signature == self._signature:
             return
 
@@ -181,15 +184,6 @@ class SettingsWatcher:
         )
         if waiting:
             logger.warning("restart the proxy to apply: %s", ", ".join(waiting))
-
-
-def _stat_signature(path):
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        return None
-
-    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 def check_student(student, path):

@@ -182,13 +182,13 @@ class KeyRing:
         if _create_empty_keys_file(self.path):
             logger.warning("created an empty %s: %s", self.path, HELP_ADD_KEY)
 
-        self._reload(_stat_signature(self.path), required=True)
+        self._reload(stat_signature(self.path), required=True)
         if not self._students:
             logger.warning("no keys in %s yet: %s", self.path, HELP_ADD_KEY)
 
     def refresh(self):
         """Reload keys.json if it changed since the last look; cheap otherwise."""
-        signature = _stat_signature(self.path)
+        signature = stat_signature(self.path)
         if signature == self._signature:
             return
 
@@ -257,7 +257,8 @@ class KeyRing:
         return entries
 
 
-def _stat_signature(path):
+def stat_signature(path):
+    """Return what tells a changed file: mtime, size and inode (None if missing)."""
     try:
         stat = os.stat(path)
     except FileNotFoundError:

@@ -138,38 +138,36 @@ class Proxy:
         return path.read_text() if path.exists() else ""
 
 
-def start_proxy(data_dir, settings, workers=2, threads=32, extra_args=()):
-    """Start gunicorn on a free port with config.json = `settings`."""
+def start_proxy(data_dir, settings, workers=2, threads=32):
+    """Start gunicorn on a free port with config.json = `settings`; wait for it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config_path = data_dir / "config.json"
     config_path.write_text(json.dumps({"DATA_DIR": str(data_dir), **settings}))
+    proxy = start_gunicorn(
+        {"PROXY_CONFIG": str(config_path)}, data_dir, workers, threads
+    )
+    _wait_until_healthy(proxy)
+    return proxy
+
+
+def start_gunicorn(env, data_dir, workers=1, threads=32):
+    """Start `gunicorn wsgi:app` on a free port with `env` added; do not wait."""
     port = get_free_port()
-    env = {**os.environ, "PROXY_CONFIG": str(config_path)}
     log_path = data_dir / "gunicorn.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "wsgi:app",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(workers),
-                "--threads",
-                str(threads),
-                *extra_args,
+                *(sys.executable, "-m", "gunicorn", "wsgi:app"),
+                *("--bind", f"127.0.0.1:{port}"),
+                *("--workers", str(workers), "--threads", str(threads)),
             ],
             cwd=PROJECT_DIR,
-            env=env,
+            env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
 
-    proxy = Proxy(f"http://127.0.0.1:{port}", data_dir, process, log_path)
-    _wait_until_healthy(proxy)
-    return proxy
+    return Proxy(f"http://127.0.0.1:{port}", data_dir, process, log_path)
 
 
 def _wait_until_healthy(proxy, seconds=20):

@@ -117,7 +117,10 @@ def test_bad_control_fields_in_keys_json_are_rejected(field):
     "bad, named",
     [
         ({"RATE_LIMIT_PER_STUDENT": "0/minute"}, "RATE_LIMIT_PER_STUDENT"),
-        ({"DEFAULT_MODEL": "gpt-4o", "ALLOWED_MODELS": ["gpt-4o-mini"]}, "DEFAULT_MODEL"),
+        (
+            {"DEFAULT_MODEL": "gpt-4o", "ALLOWED_MODELS": ["gpt-4o-mini"]},
+            "DEFAULT_MODEL",
+        ),
     ],
 )
 def test_settings_that_would_refuse_every_request_are_refused(bad, named):

@@ -14,10 +14,9 @@ import requests
 from conftest import (
     PROJECT_DIR,
     UPSTREAM_KEY,
-    Proxy,
     _wait_until_healthy,
     add_student,
-    get_free_port,
+    start_gunicorn,
     stop_process,
 )
 
@@ -28,31 +27,6 @@ REQUESTS_PER_CHECK = 12
 WORKERS = 2
 RELOADED = "reloaded keys"
 KEPT = "keeping the last good keys"
-
-
-def start_gunicorn(env, data_dir, workers=1):
-    """Start `gunicorn wsgi:app` with exactly this environment."""
-    port = get_free_port()
-    log_path = data_dir / "gunicorn.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "wsgi:app",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(workers),
-            ],
-            cwd=PROJECT_DIR,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-    return Proxy(f"http://127.0.0.1:{port}", data_dir, process, log_path)
 
 
 @pytest.fixture

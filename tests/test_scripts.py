@@ -413,7 +413,9 @@ def test_usage_csv_does_not_let_a_student_chosen_text_become_a_formula(data_dir)
     assert "'=HYPERLINK(1)" in by_student.stdout
     assert "'+SUM(1+1)" in by_model.stdout
     lines = by_student.stdout.splitlines() + by_model.stdout.splitlines()
-    assert not any(cell.startswith(("=", "+")) for line in lines for cell in line.split(","))
+    assert not any(
+        cell.startswith(("=", "+")) for line in lines for cell in line.split(",")
+    )
 
 
 def test_create_teacher_makes_an_admin_key(data_dir):

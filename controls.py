@@ -15,7 +15,6 @@ limits, and a teacher who wants more gives that entry its own budgets.
 
 import fnmatch
 import logging
-import threading
 from datetime import date, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -28,7 +27,7 @@ import ratestore  # noqa: F401 (registers the sqlite:// storage scheme)
 from budgets import check_budget
 from config import ConfigError, get_config_path, get_data_path, load_settings
 from errors import Forbidden, RateLimited, error_response
-from keys import is_budget, stat_signature
+from keys import WatchedFile, is_budget, stat_signature
 from slots import get_slots_folder, take_slot
 
 logger = logging.getLogger(__name__)
@@ -127,29 +126,20 @@ def _check_rate(name, value):
         raise ConfigError(f"{name} of 0 would refuse every request; use null for none")
 
 
-class SettingsWatcher:
+class SettingsWatcher(WatchedFile):
     """config.json, re-read when its stat changes; a bad file keeps the last good."""
 
     def __init__(self, app, overrides):
+        path = get_config_path()
+        super().__init__(path, stat_signature(path))
         self.app = app
         self.overrides = overrides
-        self.path = get_config_path()
-        self._signature = stat_signature(self.path)
-        self._lock = threading.Lock()
 
-    def refresh(self):
-        """Apply config.json if it changed since the last look; cheap otherwise."""
-        signature = stat_signature(self.path)
-        if signature == self._signature:
-            return
+    def _reload(self, signature):
+        self._apply(removed=signature is None)
+        self._signature = signature
 
-        with self._lock:
-            if signature != self._signature:
-                self._reload(removed=signature is None)
-                # Only now: a thread seeing the new signature skips the lock.
-                self._signature = signature
-
-    def _reload(self, removed=False):
+    def _apply(self, removed):
         if removed:
             # Likely a slip (or an editor's save dance): switching budgets and
             # allowlists off because a file vanished would lose the class's

@@ -164,14 +164,36 @@ def index_students(entries):
     return students
 
 
-class KeyRing:
+class WatchedFile:
+    """A file re-read when its stat signature changes; cheap when it has not.
+
+    Subclasses define `_reload(signature)`, which must store the signature
+    in `self._signature` last: a thread that sees it matching skips the lock,
+    so it must not match before the new contents are in force.
+    """
+
+    def __init__(self, path, signature=None):
+        self.path = path
+        self._signature = signature
+        self._lock = threading.Lock()
+
+    def refresh(self):
+        """Re-read the file if it changed since the last look."""
+        signature = stat_signature(self.path)
+        if signature == self._signature:
+            return
+
+        with self._lock:
+            if signature != self._signature:
+                self._reload(signature)
+
+
+class KeyRing(WatchedFile):
     """The keys in force, reloaded from keys.json when the file changes."""
 
     def __init__(self, path):
-        self.path = path
+        super().__init__(path)
         self._students = {}
-        self._signature = None
-        self._lock = threading.Lock()
 
     def load(self):
         """Load keys.json at start-up, creating an empty one if missing.
@@ -185,16 +207,6 @@ class KeyRing:
         self._reload(stat_signature(self.path), required=True)
         if not self._students:
             logger.warning("no keys in %s yet: %s", self.path, HELP_ADD_KEY)
-
-    def refresh(self):
-        """Reload keys.json if it changed since the last look; cheap otherwise."""
-        signature = stat_signature(self.path)
-        if signature == self._signature:
-            return
-
-        with self._lock:
-            if signature != self._signature:
-                self._reload(signature)
 
     def find(self, key):
         """Return the Student for a presented key, or None."""
@@ -210,8 +222,7 @@ class KeyRing:
 
     def _reload(self, signature, required=False):
         # The signature is stored even for a bad file, so one bad save logs
-        # one error instead of one per request; and only once the keys in
-        # force are final: a thread that sees it matching skips the lock.
+        # one error instead of one per request.
         try:
             entries = self._read_entries()
             _write_atomically(self.last_good_path, entries)

@@ -202,7 +202,7 @@ def test_disabled_key_is_refused_with_403(proxy, upstream, make_client):
 def test_upstream_refusing_the_proxy_key_is_reported_as_misconfiguration(
     proxy_factory, upstream, caplog, make_client
 ):
-    broken = proxy_factory(OPENAI_API_KEY="sk-wrong-upstream-key-that-is-secret")
+    broken = proxy_factory(OPENAI_API_KEY="sk-wrong-upstream-secret")
     student = add_student(broken.keys_path)
     client = make_client(broken, student.key)
 
@@ -213,7 +213,7 @@ def test_upstream_refusing_the_proxy_key_is_reported_as_misconfiguration(
     assert raised.value.code == "proxy_misconfigured"
     assert "sk-wrong" not in raised.value.response.text
     assert "OPENAI_API_KEY" in broken.log()
-    assert "sk-wrong-upstream-key-that-is-secret" not in broken.log()
+    assert "sk-wrong-upstream-secret" not in broken.log()
     assert "sk-wrong" not in broken.access_log()
 
 

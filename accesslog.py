@@ -27,6 +27,8 @@ LONG_STRING = 256
 KEPT_PREFIX = 32
 BASE64_CHARACTERS = re.compile(r"^(data:[\w/+.-]+;base64,)?[A-Za-z0-9+/=_\-\r\n]+$")
 MAX_LOGGED_BODY = 4000
+# What OpenAI keys and our own (sk-proxy-...) look like.
+KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-]{16,}")
 
 
 def init_access_log(path, max_megabytes, backups):
@@ -72,6 +74,25 @@ def describe_json_body(payload):
         text = f"{text[:MAX_LOGGED_BODY]}...[{len(text)} chars]"
 
     return text
+
+
+def hide_keys(text, own_key=None, upstream_key=None):
+    """Return logged text without keys a student pasted into a body.
+
+    Their own key reads `[their key]`; the proxy's key and anything shaped
+    like a key, `[a key]`. A hand-made key of another shape pasted by
+    somebody else is not recognised.
+    """
+    if not text:
+        return text
+
+    if own_key:
+        text = text.replace(own_key, "[their key]")
+
+    if upstream_key:
+        text = text.replace(upstream_key, "[a key]")
+
+    return KEY_LIKE.sub("[a key]", text)
 
 
 def format_line(entry):

@@ -87,6 +87,32 @@ def load_settings(overrides=None, environ=os.environ, require_api_key=True):
     return settings
 
 
+def get_last_good_path(config_path):
+    """Return where the last usable copy of config.json is kept."""
+    return Path(f"{config_path}.last-good")
+
+
+def save_last_good_copy(config_path):
+    """Copy config.json aside if it parses, for workers to fall back to.
+
+    Owner-only, as the file holds the OpenAI key. A missing or broken file
+    is left alone.
+    """
+    try:
+        text = Path(config_path).read_text(encoding="utf-8")
+        json.loads(text)
+    except (OSError, ValueError):
+        return
+
+    copy = get_last_good_path(config_path)
+    temp = copy.with_name(f".{copy.name}.{os.getpid()}")
+    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(text)
+
+    os.replace(temp, copy)
+
+
 def normalize_base_url(url):
     """Accept a base URL as the openai SDK takes it, with or without `/v1`.
 

@@ -15,6 +15,7 @@ limits, and a teacher who wants more gives that entry its own budgets.
 
 import fnmatch
 import logging
+import os
 from datetime import date, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -25,7 +26,14 @@ from limits import parse_many
 import db
 import ratestore  # noqa: F401 (registers the sqlite:// storage scheme)
 from budgets import check_budget
-from config import ConfigError, get_config_path, get_data_path, load_settings
+from config import (
+    ConfigError,
+    get_config_path,
+    get_data_path,
+    get_last_good_path,
+    load_settings,
+    save_last_good_copy,
+)
 from errors import Forbidden, RateLimited, error_response
 from keys import WatchedFile, is_budget, stat_signature
 from slots import get_slots_folder, take_slot
@@ -134,6 +142,7 @@ class SettingsWatcher(WatchedFile):
         super().__init__(path, stat_signature(path))
         self.app = app
         self.overrides = overrides
+        save_last_good_copy(path)
 
     def _reload(self, signature):
         self._apply(removed=signature is None)
@@ -152,12 +161,35 @@ class SettingsWatcher(WatchedFile):
             return
 
         try:
-            settings = load_settings(overrides=self.overrides)
-            check_settings(settings)
+            settings = self._load(self.path)
+            save_last_good_copy(self.path)
         except ConfigError as error:
-            logger.error("keeping the previous settings: %s", error)
-            return
+            settings = self._load_last_good(error)
+            if settings is None:
+                return
 
+        self._use(settings)
+
+    def _load(self, path):
+        settings = load_settings(
+            overrides=self.overrides, environ={**os.environ, "PROXY_CONFIG": str(path)}
+        )
+        check_settings(settings)
+        return settings
+
+    def _load_last_good(self, error):
+        # Every worker, even one started after the bad save, falls back to
+        # the same file: the last config.json that any of them could use.
+        try:
+            settings = self._load(get_last_good_path(self.path))
+        except ConfigError:
+            logger.error("keeping the previous settings: %s", error)
+            return None
+
+        logger.error("keeping the last good settings: %s", error)
+        return settings
+
+    def _use(self, settings):
         if settings["BUDGET_TIMEZONE"] != self.app.config["BUDGET_TIMEZONE"]:
             db.use_budget_timezone(
                 self.app.config["USAGE_DB"], settings["BUDGET_TIMEZONE"]
@@ -197,10 +229,16 @@ def is_api_call(path):
     return path.startswith("/v1/")
 
 
-def _check_expiry(student, zone_name):
+def is_expired(student, zone_name):
+    """Tell whether the student's key is past its `expires` day in `zone_name`."""
     expires = student.entry.get("expires")
     today = datetime.now(ZoneInfo(zone_name)).date()
-    if expires is not None and today > date.fromisoformat(expires):
+    return expires is not None and today > date.fromisoformat(expires)
+
+
+def _check_expiry(student, zone_name):
+    if is_expired(student, zone_name):
+        expires = student.entry["expires"]
         raise Forbidden(
             f"Your key expired at the end of {expires} ({zone_name}). Ask your "
             "teacher for a new key or a later end date.",

@@ -69,6 +69,8 @@ NOT_RELAYED_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | {
 SEGMENT_SAFE_CHARACTERS = "-._~!$&'()*+,;=:@"
 QUERY_SAFE_CHARACTERS = SEGMENT_SAFE_CHARACTERS + "/?%"
 
+KEY_QUERY_PARAMETERS = frozenset({"api_key", "api-key", "apikey", "key"})
+
 READ_SIZE = 64 * 1024
 SEND_SIZE = 256 * 1024
 
@@ -96,7 +98,14 @@ def build_upstream_url(base_url, subpath, query_string=b""):
         if not query.isprintable():
             raise BadRequest("invalid query string: control characters are not allowed")
 
-        url += "?" + quote(query, safe=QUERY_SAFE_CHARACTERS + "=")
+        # A key put in the query (we never read keys there) stays here too.
+        kept = [
+            part
+            for part in query.split("&")
+            if part.partition("=")[0].lower() not in KEY_QUERY_PARAMETERS
+        ]
+        if kept:
+            url += "?" + quote("&".join(kept), safe=QUERY_SAFE_CHARACTERS + "=")
 
     return url
 

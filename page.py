@@ -11,6 +11,7 @@ from flask import Response, current_app, g, jsonify, request
 
 import db
 from budgets import get_budget_status
+from controls import is_expired
 from errors import BadRequest, Forbidden
 from keys import is_admin
 from periods import get_zone
@@ -44,6 +45,8 @@ def get_own_usage():
     report = build_student_report(
         _connect(), _list_students(), g.student, _read_zone(), _get_budget
     )
+    report["expires"] = g.student.entry.get("expires")
+    report["expired"] = is_expired(g.student, current_app.config["BUDGET_TIMEZONE"])
     return _private(jsonify(report))
 
 

@@ -78,6 +78,8 @@ function renderStudent(report) {
     cell.textContent = formatNumber(report.periods[cell.dataset.period][cell.dataset.figure]);
   }
   $("disabled-note").hidden = !report.disabled;
+  $("expired-note").hidden = !report.expired;
+  $("expired-day").textContent = report.expires ?? "";
   renderBudget(report.budget);
   fillTable($("student-models"), MODEL_COLUMNS, report.models, "No requests yet.");
   fillTable($("recent"), RECENT_COLUMNS, report.recent, "No requests yet.");

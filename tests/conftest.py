@@ -170,6 +170,12 @@ def start_gunicorn(env, data_dir, workers=1, threads=32):
     return Proxy(f"http://127.0.0.1:{port}", data_dir, process, log_path)
 
 
+def worker_pids(master_pid):
+    """Return the pids of a gunicorn master's workers."""
+    children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text()
+    return [int(pid) for pid in children.split()]
+
+
 def _wait_until_healthy(proxy, seconds=20):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

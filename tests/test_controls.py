@@ -2,14 +2,16 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import openai
 import pytest
 import requests
-from conftest import PROJECT_DIR, add_student, wait_for_usage_rows
+from conftest import PROJECT_DIR, add_student, wait_for_usage_rows, worker_pids
 
 UNLIMITED = {"RATE_LIMIT_PER_STUDENT": None, "MAX_CONCURRENT_PER_STUDENT": None}
 
@@ -436,3 +438,42 @@ def test_removing_config_json_keeps_the_class_limits(proxy_factory, upstream):
 
     assert answer.status_code == 403
     assert "was removed: keeping the current settings" in proxy.log()
+
+
+def test_a_worker_started_after_a_bad_config_save_keeps_the_last_good_settings(
+    proxy_factory, upstream
+):
+    proxy = proxy_factory(workers=1)
+    student = add_student(proxy.keys_path)
+    config_path = proxy.data_dir / "config.json"
+    settings = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**settings, "ALLOWED_MODELS": ["gpt-4o-mini"]}))
+    assert ask_model(proxy, student, "gpt-4o").status_code == 403
+    config_path.write_text('{"ALLOWED_MODELS": [')
+
+    [worker] = worker_pids(proxy.process.pid)
+    os.kill(worker, signal.SIGKILL)
+
+    assert ask_model_when_back(proxy, student, "gpt-4o").status_code == 403
+    assert ask_model(proxy, student, "gpt-4o-mini").status_code == 200
+
+
+def ask_model(proxy, student, model):
+    return requests.post(
+        f"{proxy.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {student.key}"},
+        json={"model": model, "messages": []},
+        timeout=10,
+    )
+
+
+def ask_model_when_back(proxy, student, model, seconds=20):
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return ask_model(proxy, student, model)
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+
+            time.sleep(0.2)

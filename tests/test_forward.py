@@ -3,7 +3,7 @@
 import pytest
 
 from config import ConfigError, normalize_base_url
-from forward import build_upstream_headers
+from forward import build_upstream_headers, build_upstream_url
 
 
 def test_student_key_and_billing_headers_are_not_forwarded():
@@ -50,3 +50,11 @@ def test_base_url_is_taken_as_the_sdk_takes_it(written, used):
 def test_base_url_without_http_scheme_and_host_is_refused(written):
     with pytest.raises(ConfigError, match="OPENAI_BASE_URL"):
         normalize_base_url(written)
+
+
+def test_a_key_put_in_the_query_string_is_not_forwarded():
+    url = build_upstream_url(
+        "https://api.example/v1", "files", b"api_key=sk-student&limit=5&key=sk-x"
+    )
+
+    assert url == "https://api.example/v1/files?limit=5"

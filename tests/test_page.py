@@ -263,3 +263,12 @@ def test_disabled_student_still_sees_their_usage(proxy):
 
     assert report.status_code == 200
     assert report.json()["disabled"] is True
+
+
+def test_expired_student_sees_their_usage_and_that_the_key_expired(proxy):
+    student = add_student(proxy.keys_path, expires="2020-01-31")
+
+    report = get_api(proxy, "/api/usage", student.key)
+
+    assert report.status_code == 200
+    assert (report.json()["expired"], report.json()["expires"]) == (True, "2020-01-31")

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import add_student
 from playwright.sync_api import expect, sync_playwright
 from test_page import ADMIN_KEY, school  # noqa: F401  (the shared class fixture)
 
@@ -207,3 +208,13 @@ def test_a_term_of_large_numbers_still_fits_a_phone(open_page, school):  # noqa:
     assert total.bounding_box()["height"] < 32  # on one line, not broken
     assert_fits_the_screen(page)
     save_screenshot(page, "usage-student-large-numbers")
+
+
+def test_an_expired_key_is_told_so_on_the_page(open_page, school):  # noqa: F811
+    expired = add_student(school["proxy"].keys_path, expires="2020-01-31")
+    page = open_page()
+
+    enter_key(page, expired.key)
+
+    expect(page.locator("#expired-note")).to_be_visible()
+    expect(page.locator("#expired-note")).to_contain_text("2020-01-31")

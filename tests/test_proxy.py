@@ -9,6 +9,8 @@ import pytest
 import requests
 from conftest import UPSTREAM_KEY, add_student, wait_for_usage_rows
 
+from keys import generate_key
+
 
 def test_chat_completion_is_forwarded_and_metered(proxy, upstream, client, student):
     reply = client.chat.completions.create(
@@ -423,3 +425,17 @@ def test_data_files_are_readable_by_the_owner_only(proxy, upstream, client, stud
         mode = (proxy.data_dir / name).stat().st_mode
 
         assert mode & 0o077 == 0, f"{name} is {oct(mode)}"
+
+
+def test_other_keys_pasted_into_a_body_are_not_logged(proxy, upstream, client, student):
+    other_key = generate_key()  # as create.py makes them
+    add_student(proxy.keys_path, key=other_key)
+
+    client.embeddings.create(
+        model="text-embedding-3-small", input=f"{other_key} and {UPSTREAM_KEY}"
+    )
+
+    wait_for_usage_rows(proxy.usage_path, student.fingerprint, 1)
+    [line] = [x for x in proxy.access_log().splitlines() if student.email in x]
+    for secret in (other_key, UPSTREAM_KEY):
+        assert secret not in line

@@ -8,12 +8,11 @@ import signal
 import socket
 import time
 import wave
-from pathlib import Path
 
 import openai
 import pytest
 import requests
-from conftest import add_student, stop_process, wait_for_usage_rows
+from conftest import add_student, stop_process, wait_for_usage_rows, worker_pids
 
 from uploads import MAX_UPLOADS_PER_STUDENT, sweep
 
@@ -218,18 +217,13 @@ def test_eleventh_upload_in_flight_waits_across_processes(proxy, upstream, stude
     assert post_upload(proxy, student, {"file": ("now.wav", make_wav())}).ok
 
 
-def _worker_pids(master_pid):
-    children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text()
-    return [int(pid) for pid in children.split()]
-
-
 def test_worker_dying_mid_upload_frees_the_students_slots(proxy_factory, upstream):
     single = proxy_factory(workers=1)
     student = add_student(single.keys_path)
     held = [_start_slow_upload(single.url, student.key) for _ in range(10)]
     _wait_for_temp_files(single, MAX_UPLOADS_PER_STUDENT)
 
-    [worker] = _worker_pids(single.process.pid)
+    [worker] = worker_pids(single.process.pid)
     os.kill(worker, signal.SIGKILL)
     for connection in held:
         connection.close()
@@ -300,7 +294,7 @@ def test_a_worker_dying_while_config_json_is_broken_leaves_the_proxy_up(
     config_path = running.data_dir / "config.json"
     config_path.write_text(config_path.read_text()[:-1])  # a save gone wrong
 
-    [worker] = _worker_pids(running.process.pid)
+    [worker] = worker_pids(running.process.pid)
     os.kill(worker, signal.SIGKILL)
 
     student = add_student(running.keys_path)

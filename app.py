@@ -189,6 +189,9 @@ def authenticate():
 def proxy(subpath):
     """Forward one /v1/ request upstream and stream the answer back."""
     settings = current_app.config
+    if g.presented_key in subpath:
+        raise BadRequest("Your key is in the URL: send it only in a header.")
+
     url = build_upstream_url(settings["OPENAI_BASE_URL"], subpath, request.query_string)
     meter = Meter()
     with ExitStack() as cleanup:
@@ -306,20 +309,20 @@ def _refuse_misconfigured_proxy():
 
 def finish_request(response):
     """After each request: account for it once the body has been sent."""
+    # A student may paste a key into a prompt, a file name or even the URL.
+    secrets = (g.get("presented_key"), current_app.config["OPENAI_API_KEY"])
     record = {
         "student": g.get("student"),
         "who": g.get("who", "-"),
         "client": request.remote_addr or "-",
         "method": request.method,
-        "path": request.path,
+        "path": hide_keys(request.path, *secrets),
         "status": response.status_code,
         "started": g.get("started", time.monotonic()),
         "date": _utc_now(),
         "model": g.get("model"),
         "meter": g.get("meter"),
-        "body": hide_keys(
-            g.get("body"), g.get("presented_key"), current_app.config["OPENAI_API_KEY"]
-        ),
+        "body": hide_keys(g.get("body"), *secrets),
         "usage_db": current_app.config["USAGE_DB"],
         "request_bytes": request.content_length or 0,
     }

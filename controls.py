@@ -163,12 +163,15 @@ class SettingsWatcher(WatchedFile):
         try:
             settings = self._load(self.path)
             save_last_good_copy(self.path)
+            source = self.path
         except ConfigError as error:
             settings = self._load_last_good(error)
             if settings is None:
                 return
 
-        self._use(settings)
+            source = get_last_good_path(self.path)
+
+        self._use(settings, source)
 
     def _load(self, path):
         settings = load_settings(
@@ -189,7 +192,7 @@ class SettingsWatcher(WatchedFile):
         logger.error("keeping the last good settings: %s", error)
         return settings
 
-    def _use(self, settings):
+    def _use(self, settings, source):
         if settings["BUDGET_TIMEZONE"] != self.app.config["BUDGET_TIMEZONE"]:
             db.use_budget_timezone(
                 self.app.config["USAGE_DB"], settings["BUDGET_TIMEZONE"]
@@ -201,9 +204,7 @@ class SettingsWatcher(WatchedFile):
             settings["MAX_BODY_MB"] * 1024 * 1024
         )
         waiting = sorted(set(changed) - set(RELOADED))
-        logger.info(
-            "reloaded settings path=%s changed=%s", self.path, ",".join(changed)
-        )
+        logger.info("applied settings path=%s changed=%s", source, ",".join(changed))
         if waiting:
             logger.warning("restart the proxy to apply: %s", ", ".join(waiting))
 

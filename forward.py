@@ -195,6 +195,10 @@ def relay(upstream, meter):
     Closing the generator (the client went away) closes the upstream
     connection at once and leaves the meter marked partial.
     """
+    # TODO: a hang-up is only noticed at the next write, so a client that
+    # leaves while the upstream is silent (a model thinking for minutes)
+    # keeps the upstream request open until then; watching the client socket
+    # (environ["gunicorn.socket"]) between reads would notice it sooner.
     finished = False
     event_stream = meter.streamed = is_event_stream(upstream)
     try:

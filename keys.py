@@ -244,13 +244,22 @@ class KeyRing(WatchedFile):
 
     def _read_entries(self):
         entries = parse_keys(_read(self.path), self.path)
-        if not entries and self._students:
+        # Compared with the shared last good set, not this worker's own: a
+        # worker that has not served a request yet still holds the set the
+        # master loaded at start-up, which may be empty.
+        if not entries and (self._students or self._has_last_good_entries()):
             raise KeysFileError(
                 f"{self.path} has no entries; to switch everyone off, mark "
                 'their entries "disabled": true instead'
             )
 
         return entries
+
+    def _has_last_good_entries(self):
+        try:
+            return bool(parse_keys(_read(self.last_good_path), self.last_good_path))
+        except (OSError, KeysFileError):
+            return False
 
     def _read_last_good(self, error, required):
         # Every worker falls back to the same file, so all of them agree on

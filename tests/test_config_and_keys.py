@@ -338,3 +338,21 @@ def test_disabling_a_key_while_running_refuses_it_with_403(proxy_factory, upstre
     answer = chat(running, student.key)
     assert answer.json()["error"]["code"] == "key_disabled"
     assert upstream.requests() == []
+
+
+def test_an_empty_save_is_refused_even_by_a_worker_that_saw_no_keys_yet(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text("[]")
+    fresh_worker, busy_worker = keys.KeyRing(str(path)), keys.KeyRing(str(path))
+    fresh_worker.load()
+    busy_worker.load()
+    entry = {"key": "sk-seen-by-one-worker", "name": "N", "email": "n@x.test"}
+    path.write_text(json.dumps([entry]))
+    busy_worker.refresh()
+
+    path.write_text("[]")
+    os.utime(path, ns=(1, 1))  # a new signature even within one clock tick
+    fresh_worker.refresh()
+
+    assert fresh_worker.find("sk-seen-by-one-worker") is not None
+    assert json.loads((tmp_path / "keys.json.last-good").read_text()) == [entry]

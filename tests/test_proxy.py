@@ -439,3 +439,25 @@ def test_other_keys_pasted_into_a_body_are_not_logged(proxy, upstream, client, s
     [line] = [x for x in proxy.access_log().splitlines() if student.email in x]
     for secret in (other_key, UPSTREAM_KEY):
         assert secret not in line
+
+
+def test_a_key_in_the_url_path_is_refused_and_not_logged(proxy, upstream, student):
+    answer = requests.get(
+        f"{proxy.url}/v1/files/{student.key}",
+        headers={"Authorization": f"Bearer {student.key}"},
+        timeout=10,
+    )
+    real = requests.get(
+        f"{proxy.url}/v1/models/{UPSTREAM_KEY}",
+        headers={"Authorization": f"Bearer {student.key}"},
+        timeout=10,
+    )
+
+    assert answer.status_code == 400
+    assert "in the URL" in answer.json()["error"]["message"]
+    assert real.status_code == 404  # forwarded: the student cannot know it
+    wait_for_usage_rows(proxy.usage_path, student.fingerprint, 1)
+    log = proxy.access_log()
+    assert log.count(student.email) == 2
+    assert student.key not in log and UPSTREAM_KEY not in log
+    assert all(student.key not in r["path"] for r in upstream.requests())

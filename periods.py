@@ -6,7 +6,7 @@ in that same text form, computed with zoneinfo, so a daylight-saving day
 has its 23 or 25 hours and SQLite compares plain strings on its index.
 """
 
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
@@ -53,14 +53,6 @@ def list_day_ranges(first, last, zone):
         day = following
 
     return ranges
-
-
-def parse_day(text):
-    """Return the date in `YYYY-MM-DD` text; raise ValueError with advice."""
-    try:
-        return date.fromisoformat(text)
-    except ValueError as error:
-        raise ValueError(f"{text!r} is not a date: write it as YYYY-MM-DD") from error
 
 
 def to_local_day(utc_text, zone):

@@ -19,7 +19,8 @@ import time
 
 from limits.storage import Storage
 
-BUSY_TIMEOUT_SECONDS = 30
+import db
+
 # Every this many hits a process deletes expired counters.
 PRUNE_EVERY = 1000
 
@@ -110,13 +111,9 @@ class SqliteStorage(Storage):
 
 
 def _open(path):
-    connection = sqlite3.connect(
-        path,
-        timeout=BUSY_TIMEOUT_SECONDS,
-        isolation_level=None,
-        check_same_thread=False,
-    )
-    connection.execute("PRAGMA journal_mode=WAL")
+    # db.connect: WAL, busy timeout, and the retry for workers opening a new
+    # file at the same moment.
+    connection = db.connect(path)
     # Counters are worth little after a power cut; skip the fsyncs.
     connection.execute("PRAGMA synchronous=OFF")
     connection.execute(CREATE_TABLE)

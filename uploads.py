@@ -6,7 +6,7 @@ files, size per file, audio formats, the `file` field) are checked on the
 way in, without a second pass and without holding a file in memory. The
 spooled body is then sent upstream from disk exactly as the client sent it.
 
-A student's uploads in flight are counted with slots.py's lock files, which
+A student's uploads in flight are counted with slots.py's locked files, which
 a crashed worker cannot keep taken.
 """
 
@@ -95,8 +95,8 @@ def get_temp_folder(data_dir):
 def upload_slot(data_dir, student_fingerprint):
     """Hold one of the student's upload slots, or raise TooManyUploads."""
     owner = "upload-" + student_fingerprint.removeprefix("sha256:")[:32]
-    lock = take_slot(get_slots_folder(data_dir), owner, MAX_UPLOADS_PER_STUDENT)
-    if lock is None:
+    slot = take_slot(get_slots_folder(data_dir), owner, MAX_UPLOADS_PER_STUDENT)
+    if slot is None:
         raise TooManyUploads(
             f"You already have {MAX_UPLOADS_PER_STUDENT} uploads in progress. Wait "
             "for one to finish, then try again.",
@@ -106,7 +106,7 @@ def upload_slot(data_dir, student_fingerprint):
     try:
         yield
     finally:
-        lock.release()
+        slot.release()
 
 
 @contextmanager

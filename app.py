@@ -345,7 +345,7 @@ def _account(record):
     duration_ms = int((time.monotonic() - record["started"]) * 1000)
     student = record["student"]
     if student is not None and record["meter"] is not None:
-        db.record_usage(
+        db.usage_writer.put(
             record["usage_db"],
             db.UsageRow(
                 api_key=student.fingerprint,

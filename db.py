@@ -14,10 +14,14 @@ is gone, so connections are kept per thread instead of per request. WAL
 mode and a long busy timeout let several gunicorn workers write at once.
 """
 
+import atexit
 import logging
+import os
+import queue
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
@@ -145,6 +149,8 @@ INSERT_ROW = (
 )
 
 _local = threading.local()
+_shared = {}
+_shared_lock = threading.Lock()
 
 
 def connect(path):
@@ -188,6 +194,32 @@ def get_db(path):
     return connection
 
 
+@contextmanager
+def shared_connection(path, prepare=None):
+    """Hold this process's one connection to `path` for a short statement.
+
+    For statements that every request thread runs (the rate-limit counters):
+    each SQLite connection keeps its own page cache and drops it whenever
+    another connection wrote, so one connection per thread would re-read the
+    same pages on every request. `prepare(connection)` runs once, when the
+    connection is opened.
+    """
+    entry = _shared.get(path)
+    if entry is None or entry[0] != os.getpid():
+        with _shared_lock:
+            entry = _shared.get(path)
+            # A forked worker must not reuse its parent's connection.
+            if entry is None or entry[0] != os.getpid():
+                connection = connect(path)
+                if prepare is not None:
+                    prepare(connection)
+                entry = _shared[path] = (os.getpid(), connection, threading.Lock())
+
+    _, connection, lock = entry
+    with lock:
+        yield connection
+
+
 def init_db(path):
     """Create the schema, or bring an older file (Node's included) up to date."""
     connection = connect(path)
@@ -205,15 +237,21 @@ def init_db(path):
 
 
 def record_usage(path, row):
-    """Insert one usage row and add it to the running totals, retrying while locked.
+    """Insert one usage row and add it to the running totals; see write_rows."""
+    return write_rows(path, [row])
 
-    Never raises: a row that cannot be written is logged with its facts, so
-    the teacher can still account for it.
+
+def write_rows(path, rows):
+    """Insert usage rows and their running totals in one transaction.
+
+    Retries while another process holds the file. Never raises: rows that
+    cannot be written are logged with their facts, so the teacher can still
+    account for them.
     """
     error = None
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
-            _insert_with_totals(get_db(path), row)
+            _insert_with_totals(get_db(path), rows)
             return True
         except sqlite3.Error as failure:
             error = failure
@@ -222,31 +260,115 @@ def record_usage(path, row):
 
             time.sleep(0.05 * attempt)
 
-    logger.error(
-        "usage row lost user=%s endpoint=%s model=%s tokens=%s status=%s error=%s",
-        row.email,
-        row.endpoint,
-        row.model,
-        row.total_tokens,
-        row.status,
-        error,
-    )
+    for row in rows:
+        logger.error(
+            "usage row lost user=%s endpoint=%s model=%s tokens=%s status=%s error=%s",
+            row.email,
+            row.endpoint,
+            row.model,
+            row.total_tokens,
+            row.status,
+            error,
+        )
     return False
 
 
-def _insert_with_totals(connection, row):
+class UsageWriter:
+    """One thread per process that writes queued usage rows, many per commit.
+
+    Request threads only queue their row. Written by each request thread
+    itself, rows from two workers fought over SQLite's write lock, whose
+    busy handler sleeps a millisecond or more per attempt: W1 of
+    bench/run.py ran at half the rate. Rows still queued when a worker is
+    killed outright are lost (milliseconds' worth); a graceful stop flushes
+    them (gunicorn.conf.py's worker_exit, and atexit).
+    """
+
+    BATCH_ROWS = 500
+
+    def __init__(self):
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._pid = None
+        self._lock = threading.Lock()
+
+    def put(self, path, row):
+        """Queue `row` for the file at `path`; start the thread if needed."""
+        if self._pid != os.getpid():
+            self._start()
+
+        self._queue.put((path, row))
+
+    def flush(self, timeout=10):
+        """Write every queued row and stop the thread (it restarts on demand)."""
+        thread = self._thread
+        if thread is None or self._pid != os.getpid() or not thread.is_alive():
+            return
+
+        self._queue.put(None)
+        thread.join(timeout)
+
+    def _start(self):
+        with self._lock:
+            if self._pid == os.getpid() and self._thread.is_alive():
+                return
+
+            # A forked worker inherits the queue object but not the thread.
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(
+                target=self._run, name="usage-writer", daemon=True
+            )
+            self._pid = os.getpid()
+            self._thread.start()
+
+    def _run(self):
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.BATCH_ROWS:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+
+            stopping = None in batch
+            by_path = {}
+            for item in batch:
+                if item is not None:
+                    by_path.setdefault(item[0], []).append(item[1])
+
+            for path, rows in by_path.items():
+                write_rows(path, rows)
+
+            if stopping:
+                with self._lock:
+                    self._pid = None
+                return
+
+
+usage_writer = UsageWriter()
+atexit.register(usage_writer.flush)
+
+
+def _insert_with_totals(connection, rows):
     connection.execute("BEGIN IMMEDIATE")
     try:
         # Not dataclasses.astuple: it deep-copies every field.
-        connection.execute(INSERT_ROW, [getattr(row, name) for name in ROW_COLUMNS])
-        if row.api_key is not None:
-            zone = connection.execute("SELECT name FROM token_totals_zone").fetchone()
-            tokens = row.total_tokens or 0
-            day = get_local_day(row.date, zone[0] if zone else "UTC")
-            connection.executemany(
-                ADD_TOKENS,
-                [(row.api_key, day, tokens), (row.api_key, TOTAL_DAY, tokens)],
-            )
+        connection.executemany(
+            INSERT_ROW, [[getattr(row, name) for name in ROW_COLUMNS] for row in rows]
+        )
+        zone = connection.execute("SELECT name FROM token_totals_zone").fetchone()
+        zone_name = zone[0] if zone else "UTC"
+        additions = []
+        for row in rows:
+            if row.api_key is not None:
+                tokens = row.total_tokens or 0
+                day = get_local_day(row.date, zone_name)
+                additions += [
+                    (row.api_key, day, tokens),
+                    (row.api_key, TOTAL_DAY, tokens),
+                ]
+
+        connection.executemany(ADD_TOKENS, additions)
 
         connection.execute("COMMIT")
     except BaseException:

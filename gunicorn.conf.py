@@ -58,6 +58,13 @@ def child_exit(server, worker):
         remove_uploads_of(_uploads_folder, worker.pid)
 
 
+def worker_exit(server, worker):
+    """Write the usage rows this worker still has queued before it goes."""
+    import db
+
+    db.usage_writer.flush()
+
+
 def on_exit(server):
     """On a graceful shutdown, delete uploads no request will finish now."""
     from uploads import sweep

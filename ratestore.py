@@ -12,7 +12,6 @@ counts are exact. Registering the `sqlite` scheme here makes
 """
 
 import itertools
-import os
 import sqlite3
 import threading
 import time
@@ -62,13 +61,15 @@ class SqliteStorage(Storage):
         """Add `amount` to a counter and return its new value."""
         now = time.time()
         values = {"key": key, "amount": amount, "expires": now + expiry, "now": now}
-        count, expires = self._connect().execute(INCREMENT, values).fetchone()
+        with self._connection() as connection:
+            count, expires = connection.execute(INCREMENT, values).fetchone()
+            if next(self._hits) % PRUNE_EVERY == 0:
+                connection.execute("DELETE FROM counters WHERE expires <= ?", (now,))
+
         just_counted = self._get_just_counted()
         if len(just_counted) >= JUST_COUNTED_MAX:
             just_counted.clear()
         just_counted[key] = (count, expires, time.monotonic())
-        if next(self._hits) % PRUNE_EVERY == 0:
-            self._connect().execute("DELETE FROM counters WHERE expires <= ?", (now,))
 
         return count
 
@@ -85,7 +86,8 @@ class SqliteStorage(Storage):
     def check(self):
         """Tell whether the file can be read."""
         try:
-            self._connect().execute("SELECT 1").fetchone()
+            with self._connection() as connection:
+                connection.execute("SELECT 1").fetchone()
             return True
         except sqlite3.Error:
             return False
@@ -93,12 +95,14 @@ class SqliteStorage(Storage):
     def reset(self):
         """Delete every counter; return how many there were."""
         self._get_just_counted().clear()
-        return self._connect().execute("DELETE FROM counters").rowcount
+        with self._connection() as connection:
+            return connection.execute("DELETE FROM counters").rowcount
 
     def clear(self, key):
         """Delete one counter."""
         self._get_just_counted().pop(key, None)
-        self._connect().execute("DELETE FROM counters WHERE key = ?", (key,))
+        with self._connection() as connection:
+            connection.execute("DELETE FROM counters WHERE key = ?", (key,))
 
     def _select(self, key):
         # flask-limiter reads back the counter it has just incremented, to
@@ -110,14 +114,11 @@ class SqliteStorage(Storage):
             if time.monotonic() - when < JUST_COUNTED_SECONDS and expires > time.time():
                 return count, expires
 
-        return (
-            self._connect()
-            .execute(
+        with self._connection() as connection:
+            return connection.execute(
                 "SELECT count, expires FROM counters WHERE key = ? AND expires > ?",
                 (key, time.time()),
-            )
-            .fetchone()
-        )
+            ).fetchone()
 
     def _get_just_counted(self):
         just_counted = getattr(self._local, "just_counted", None)
@@ -126,21 +127,13 @@ class SqliteStorage(Storage):
 
         return just_counted
 
-    def _connect(self):
-        # One connection per thread and process: gunicorn forks workers after
-        # the app (and this storage) was built in the master.
-        if getattr(self._local, "pid", None) != os.getpid():
-            self._local.connection = _open(self.path)
-            self._local.pid = os.getpid()
-
-        return self._local.connection
+    def _connection(self):
+        # One connection per process (see db.shared_connection), opened anew
+        # in each worker gunicorn forks.
+        return db.shared_connection(self.path, prepare=_prepare)
 
 
-def _open(path):
-    # db.connect: WAL, busy timeout, and the retry for workers opening a new
-    # file at the same moment.
-    connection = db.connect(path)
+def _prepare(connection):
     # Counters are worth little after a power cut; skip the fsyncs.
     connection.execute("PRAGMA synchronous=OFF")
     connection.execute(CREATE_TABLE)
-    return connection

@@ -46,7 +46,7 @@ class Slot:
 
 
 def take_slot(folder, owner, capacity):
-    """Lock one of `owner`'s `capacity` slots; return a Slot, or None if all are taken."""
+    """Lock one of `owner`'s `capacity` slots; return a Slot, or None if all taken."""
     for number in range(capacity):
         descriptor = _open_slot_file(folder, f"{owner}-{number}.lock")
         try:

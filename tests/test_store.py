@@ -128,6 +128,42 @@ def test_a_row_without_usage_stores_unknown_rather_than_zero(tmp_path):
     assert tokens == [(None, None)]
 
 
+def queue_rows_and_exit(path, count):
+    """Child process: queue rows for the writer thread, then exit at once."""
+    db.init_db(path)
+    for number in range(count):
+        db.usage_writer.put(path, make_row("sha256:queued", number))
+
+
+def test_rows_still_queued_when_a_process_exits_are_written(tmp_path):
+    # Queued rows live in memory for a moment; a worker that stops (gunicorn's
+    # graceful stop, a restart) must write them before it goes.
+    path = str(tmp_path / "usage.sqlite")
+    context = multiprocessing.get_context("spawn")
+    child = context.Process(target=queue_rows_and_exit, args=(path, 5000))
+    child.start()
+    child.join(60)
+
+    assert child.exitcode == 0
+    rows = read_all(path, "SELECT COUNT(*), SUM(total_tokens) FROM usage_log")
+    assert rows == [(5000, sum(number + 1 for number in range(5000)))]
+    totals = read_all(path, "SELECT tokens FROM token_totals WHERE day = 'all'")
+    assert totals == [(rows[0][1],)]
+
+
+def test_rows_of_several_files_are_queued_to_the_right_file(tmp_path):
+    paths = [str(tmp_path / f"usage-{n}.sqlite") for n in range(2)]
+    for path in paths:
+        db.init_db(path)
+    for number in range(10):
+        db.usage_writer.put(paths[number % 2], make_row("sha256:two", number))
+    db.usage_writer.flush()
+
+    for n, path in enumerate(paths):
+        written = read_all(path, "SELECT prompt_tokens FROM usage_log ORDER BY id")
+        assert written == [(number,) for number in range(n, 10, 2)]
+
+
 def write_rows(path, writer, start):
     """Child process: open the store as a worker would and write its rows."""
     start.wait()

@@ -12,9 +12,15 @@ def build_table(results):
     w1 = results.get("W1")
     if w1:
         rows.extend(table_w1(w1["upstream"], w1["proxy"]))
+        if w1.get("floor"):
+            rows.extend(table_floor(w1["upstream"], w1["floor"]))
 
     if results.get("W2"):
         rows.extend(table_w2(results["W2"]["upstream"], results["W2"]["proxy"]))
+        if results["W2"].get("floor"):
+            rows.extend(
+                table_w2_floor(results["W2"]["upstream"], results["W2"]["floor"])
+            )
 
     if results.get("W3"):
         rows.extend(table_w3(results["W3"]))
@@ -86,6 +92,69 @@ def table_w1(up, px):
             "client CPU ms/request",
             f"{up['cpu_ms_per_request']['client']:.2f}",
             f"{cpu['client']:.2f}",
+            "",
+            None,
+        ),
+    ]
+
+
+def table_floor(up, floor):
+    # Not the proxy: bench/floor_app.py, what gunicorn + Flask + requests
+    # cost with none of the proxy's work. No target; it bounds what is possible.
+    ratio = floor["rps"] / up["rps"]
+    return [
+        (
+            "W1",
+            "floor app requests/s",
+            f"{up['rps']:.0f}",
+            f"{floor['rps']:.0f} ({ratio:.0%})",
+            "",
+            None,
+        ),
+        (
+            "W1",
+            "floor app latency p99 ms",
+            f"{up['p99_ms']:.1f}",
+            f"{floor['p99_ms']:.1f} (+{floor['p99_ms'] - up['p99_ms']:.1f})",
+            "",
+            None,
+        ),
+        (
+            "W1",
+            "floor app CPU ms/request",
+            "-",
+            f"{floor['cpu_ms_per_request']['proxy']:.2f}",
+            "",
+            None,
+        ),
+    ]
+
+
+def table_w2_floor(up, floor):
+    added_first = floor["first_chunk_p50_ms"] - up["first_chunk_p50_ms"]
+    gained_p99 = floor["chunk_delay_p99_ms"] - up["chunk_delay_p99_ms"]
+    return [
+        (
+            "W2",
+            "floor app streams complete",
+            f"{up['complete']}/{up['streams']}",
+            f"{floor['complete']}/{floor['streams']}",
+            "",
+            None,
+        ),
+        (
+            "W2",
+            "floor app first chunk p50 ms",
+            f"{up['first_chunk_p50_ms']:.1f}",
+            f"{floor['first_chunk_p50_ms']:.1f} (+{added_first:.1f})",
+            "",
+            None,
+        ),
+        (
+            "W2",
+            "floor app chunk delay p99 ms",
+            f"{up['chunk_delay_p99_ms']:.1f}",
+            f"{floor['chunk_delay_p99_ms']:.1f} (+{gained_p99:.1f})",
             "",
             None,
         ),

@@ -36,6 +36,7 @@ from procs import (
     prefill_rows,
     read_client_cpu_seconds,
     read_cpu_seconds,
+    start_floor_proxy,
     start_proxy,
     start_upstream,
     stop,
@@ -91,9 +92,13 @@ class Bench:
             self.data_dir, self.upstream_url, get_free_port()
         )
         wait_until_up(self.proxy, f"{self.proxy_url}/health")
+        self.floor, self.floor_url = start_floor_proxy(
+            self.upstream_url, get_free_port(), self.data_dir / "floor.log"
+        )
         return self
 
     def __exit__(self, *exc):
+        stop(self.floor)
         stop(self.proxy)
         stop(self.upstream)
 
@@ -105,16 +110,24 @@ class Bench:
         base = self.proxy_url if through_proxy else self.upstream_url
         url = f"{base}/v1/chat/completions"
         keys = keys if through_proxy else [UPSTREAM_KEY]
+        return self.measure_chats(url, keys, count, count_rows_too=through_proxy)
+
+    def run_floor_chats(self, count):
+        """Run a W1 round through bench/floor_app.py; its CPU counts as the proxy's."""
+        url = f"{self.floor_url}/v1/chat/completions"
+        return self.measure_chats(url, ["-"], count, proxy=self.floor)
+
+    def measure_chats(self, url, keys, count, count_rows_too=False, proxy=None):
         concurrency = self.sizes["w1_concurrency"]
         asyncio.run(send_chats(url, keys, self.sizes["warmup_requests"], concurrency))
         self.settle_rows()
 
-        before = self.read_cpu()
+        before = self.read_cpu(proxy)
         first_id = count_rows(self.usage_path)
         outcome = asyncio.run(send_chats(url, keys, count, concurrency))
-        after = self.read_cpu()
+        after = self.read_cpu(proxy)
         figures = summarize_chats(outcome, before, after, count)
-        if through_proxy:
+        if count_rows_too:
             figures["rows"] = wait_for_rows(self.usage_path, first_id, count)
 
         return figures
@@ -127,20 +140,23 @@ class Bench:
             last = count_rows(self.usage_path)
             time.sleep(0.3)
 
-    def read_cpu(self):
+    def read_cpu(self, proxy=None):
+        proxy = proxy or self.proxy
         return {
             # Listed anew each time: workers may still be starting.
-            "proxy": read_cpu_seconds(list_tree(self.proxy.pid)),
+            "proxy": read_cpu_seconds(list_tree(proxy.pid)),
             "upstream": read_cpu_seconds([self.upstream.pid]),
             "client": read_client_cpu_seconds(),
         }
 
-    def run_streams(self, through_proxy):
+    def run_streams(self, through_proxy, floor=False):
         sizes = self.sizes
         base = self.proxy_url if through_proxy else self.upstream_url
         keys = self.keys(10) if through_proxy else [UPSTREAM_KEY]
+        if floor:
+            base, keys = self.floor_url, ["-"]
         first_id = count_rows(self.usage_path)
-        before = self.read_cpu()
+        before = self.read_cpu(self.floor if floor else None)
         records = asyncio.run(
             open_streams(
                 f"{base}/v1/chat/completions",
@@ -151,7 +167,7 @@ class Bench:
                 ask_usage=not through_proxy,
             )
         )
-        after = self.read_cpu()
+        after = self.read_cpu(self.floor if floor else None)
         figures = summarize_streams(records, sizes["w2_chunks"], before, after)
         if through_proxy:
             figures["rows"] = wait_for_rows(
@@ -218,6 +234,7 @@ def run_w1(bench):
     bench.results["W1"] = {
         "upstream": bench.run_chats(False, None, count),
         "proxy": bench.run_chats(True, bench.keys(10), count),
+        "floor": bench.run_floor_chats(count),
     }
 
 
@@ -225,6 +242,7 @@ def run_w2(bench):
     bench.results["W2"] = {
         "upstream": bench.run_streams(False),
         "proxy": bench.run_streams(True),
+        "floor": bench.run_streams(False, floor=True),
     }
 
 

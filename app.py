@@ -335,10 +335,9 @@ def finish_request(response):
 def _account(record):
     # Runs when the response is closed: after the last byte, or when the
     # client went away, so duration, tokens and `partial` are final.
-    # TODO: a worker killed mid-stream never gets here, so that stream has no
-    # row; a row written at the start and completed here would close the gap
-    # at the cost of a second write per request (see the closing note of
-    # issue 4).
+    # TODO: a worker killed outright (SIGKILL, out of memory) never gets
+    # here for its open streams, and loses the rows still queued for
+    # db.UsageWriter (milliseconds' worth); a graceful stop loses nothing.
     meter = record["meter"] or Meter()
     estimated = meter.estimate_cut_stream(record["request_bytes"])
     model = record["model"] or meter.model

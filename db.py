@@ -9,9 +9,10 @@ of a key while old rows stay attributed to their student.
 Token columns hold NULL when the upstream reported no usage: unknown is
 not zero.
 
-Usage is written when a response ends, often after Flask's request context
-is gone, so connections are kept per thread instead of per request. WAL
-mode and a long busy timeout let several gunicorn workers write at once.
+Usage is queued when a response ends and written by one thread per
+worker (UsageWriter), many rows per transaction. Reads keep a connection
+per thread. WAL mode and a long busy timeout let several gunicorn workers
+write at once.
 """
 
 import atexit
@@ -198,7 +199,8 @@ def get_db(path):
 def shared_connection(path, prepare=None):
     """Hold this process's one connection to `path` for a short statement.
 
-    For statements that every request thread runs (the rate-limit counters):
+    For statements that every request thread runs (the budget read, the
+    rate-limit counters):
     each SQLite connection keeps its own page cache and drops it whenever
     another connection wrote, so one connection per thread would re-read the
     same pages on every request. `prepare(connection)` runs once, when the
@@ -391,12 +393,14 @@ def get_local_day(date, zone_name):
 
 def read_token_totals(path, api_key, day):
     """Return (tokens on `day`, tokens in total) for one key: two row reads."""
-    found = dict(
-        get_db(path).execute(
-            "SELECT day, tokens FROM token_totals WHERE api_key = ? AND day IN (?, ?)",
-            (api_key, day, TOTAL_DAY),
+    with shared_connection(path) as connection:
+        found = dict(
+            connection.execute(
+                "SELECT day, tokens FROM token_totals"
+                " WHERE api_key = ? AND day IN (?, ?)",
+                (api_key, day, TOTAL_DAY),
+            )
         )
-    )
     return found.get(day, 0), found.get(TOTAL_DAY, 0)
 
 

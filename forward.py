@@ -8,6 +8,7 @@ time, everything else in pieces as the socket delivers them.
 
 import json
 import logging
+import os
 import threading
 from urllib.parse import quote
 
@@ -74,7 +75,13 @@ KEY_QUERY_PARAMETERS = frozenset({"api_key", "api-key", "apikey", "key"})
 READ_SIZE = 64 * 1024
 SEND_SIZE = 256 * 1024
 
-_local = threading.local()
+# Connections a worker keeps open to the upstream, at most: one per
+# request running at once, so none is discarded for lack of room (urllib3
+# would log a warning each time). Idle ones wait at the back of the pool.
+POOL_SIZE = 1024
+
+_shared = {}
+_shared_lock = threading.Lock()
 
 
 def build_upstream_url(base_url, subpath, query_string=b""):
@@ -144,18 +151,24 @@ class _UploadFriendlyAdapter(requests.adapters.HTTPAdapter):
 
 
 def _get_adapter():
-    # An adapter per thread: pooled keep-alive connections, nothing shared
-    # between threads. Requests go to the adapter without a Session: a
-    # Session's cookie jar, environment lookups and setting merges cost
-    # about 0.3 ms a request and the proxy needs none of them (upstream
-    # cookies must not follow one student's request into another's).
-    adapter = getattr(_local, "adapter", None)
-    if adapter is None:
-        adapter = _local.adapter = _UploadFriendlyAdapter(
-            pool_connections=2, pool_maxsize=4
-        )
+    # One adapter per process, shared by its threads: urllib3's pool is
+    # thread-safe and hands back the most recently used connection, so a
+    # few warm keep-alive connections serve whichever thread runs the next
+    # request (gthread rotates requests over all its threads; per-thread
+    # pools meant a cold connection for most requests after a burst of
+    # streams). Requests go to the adapter without a Session: a Session's
+    # cookie jar, environment lookups and setting merges cost about 0.3 ms a
+    # request and the proxy needs none of them (upstream cookies must not
+    # follow one student's request into another's).
+    if _shared.get("pid") != os.getpid():
+        with _shared_lock:
+            if _shared.get("pid") != os.getpid():
+                _shared["adapter"] = _UploadFriendlyAdapter(
+                    pool_connections=4, pool_maxsize=POOL_SIZE
+                )
+                _shared["pid"] = os.getpid()
 
-    return adapter
+    return _shared["adapter"]
 
 
 def send_upstream(method, url, headers, body, timeouts):

@@ -14,16 +14,18 @@ from pathlib import Path
 
 bind = os.environ.get("PROXY_BIND", "0.0.0.0:8080")
 worker_class = "gthread"
-# Chosen with bench/run.py on 2 cores (issue 6). One process per core: two
-# workers use both cores despite the GIL; four measured no cheaper per
-# request (W1: 2.1-2.6 ms of CPU against 2.4-2.5 for two) and cost two more
-# copies of the app in memory.
+# Chosen with bench/run.py on 2 cores. One process per core: two workers
+# use both cores despite the GIL. In one session's runs, W1 cost 1.9 ms of
+# CPU a request with two, 2.5 with three and 3.1 with four (more processes
+# contend for SQLite's write lock and for the cores), W2's streams did no
+# better, and each worker is one more copy of the app in memory.
 workers = int(os.environ.get("PROXY_WORKERS", "2"))
 # workers * threads is how many requests (streams included) run at once: a
 # stream holds its thread to the end. 500 concurrent streams must all start,
 # and the kernel does not spread connections evenly over the workers, so
 # each worker gets room for more than half of them. Idle threads are not
-# created until needed.
+# created until needed; how many there are did not change W1's cost per
+# request (32 and 384 measured alike).
 threads = int(os.environ.get("PROXY_THREADS", "384"))
 timeout = 60
 graceful_timeout = 30

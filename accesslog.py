@@ -2,7 +2,8 @@
 
 Rotation is done by concurrent-log-handler, which takes a file lock around
 each write and each rollover, so several gunicorn workers share one file
-without losing or interleaving lines.
+without losing or interleaving lines. accounting.py formats a line per
+request and writes them in batches, one write per batch.
 
 Each line has the same fields in the same order. Text that comes from the
 client is written as a JSON string, so a newline or quote in it cannot
@@ -123,11 +124,15 @@ def format_line(entry):
     )
 
 
-def write_access_line(entry):
-    """Write one request's line to access.log; never raises."""
+def write_lines(lines):
+    """Write request lines to access.log in one write; never raises."""
+    if not lines:
+        return
+
     try:
-        logging.getLogger(ACCESS_LOGGER_NAME).info(format_line(entry))
-    except Exception:  # a full disk must not break the answer already sent
+        # One record, so one lock and one write for the whole batch.
+        logging.getLogger(ACCESS_LOGGER_NAME).info("\n".join(lines))
+    except Exception:  # a full disk must not break the answers already sent
         logger.exception("could not write the access log")
 
 

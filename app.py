@@ -14,12 +14,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import controls
 import db
-from accesslog import (
-    describe_json_body,
-    hide_keys,
-    init_access_log,
-    write_access_line,
-)
+from accesslog import describe_json_body, hide_keys, init_access_log
+from accounting import account
 from config import get_data_path, load_settings
 from errors import (
     BadRequest,
@@ -327,61 +323,9 @@ def finish_request(response):
         "request_bytes": request.content_length or 0,
     }
     if request.method != "OPTIONS":
-        response.call_on_close(partial(_account, record))
+        response.call_on_close(partial(account, record))
 
     return response
-
-
-def _account(record):
-    # Runs when the response is closed: after the last byte, or when the
-    # client went away, so duration, tokens and `partial` are final.
-    # TODO: a worker killed outright (SIGKILL, out of memory) never gets
-    # here for its open streams, and loses the rows still queued for
-    # db.UsageWriter (milliseconds' worth); a graceful stop loses nothing.
-    meter = record["meter"] or Meter()
-    estimated = meter.estimate_cut_stream(record["request_bytes"])
-    model = record["model"] or meter.model
-    duration_ms = int((time.monotonic() - record["started"]) * 1000)
-    student = record["student"]
-    if student is not None and record["meter"] is not None:
-        db.usage_writer.put(
-            record["usage_db"],
-            db.UsageRow(
-                api_key=student.fingerprint,
-                date=record["date"],
-                model=model,
-                endpoint=record["path"],
-                prompt_tokens=meter.prompt_tokens,
-                completion_tokens=meter.completion_tokens,
-                total_tokens=meter.total_tokens,
-                email=student.email,
-                name=student.name,
-                method=record["method"],
-                status=record["status"],
-                duration_ms=duration_ms,
-                streamed=meter.streamed,
-                partial=meter.partial,
-                audio_seconds=meter.audio_seconds,
-                tokens_estimated=estimated,
-            ),
-        )
-
-    write_access_line(
-        {
-            "user": record["who"],
-            "client": record["client"],
-            "method": record["method"],
-            "path": record["path"],
-            "status": record["status"],
-            "ms": duration_ms,
-            "model": model,
-            "prompt_tokens": meter.prompt_tokens,
-            "completion_tokens": meter.completion_tokens,
-            "total_tokens": meter.total_tokens,
-            "partial": meter.partial,
-            "body": record["body"],
-        }
-    )
 
 
 def _utc_now():

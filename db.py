@@ -10,15 +10,13 @@ Token columns hold NULL when the upstream reported no usage: unknown is
 not zero.
 
 Usage is queued when a response ends and written by one thread per
-worker (UsageWriter), many rows per transaction. Reads keep a connection
+worker (accounting.py), many rows per transaction. Reads keep a connection
 per thread. WAL mode and a long busy timeout let several gunicorn workers
 write at once.
 """
 
-import atexit
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -273,82 +271,6 @@ def write_rows(path, rows):
             error,
         )
     return False
-
-
-class UsageWriter:
-    """One thread per process that writes queued usage rows, many per commit.
-
-    Request threads only queue their row. Written by each request thread
-    itself, rows from two workers fought over SQLite's write lock, whose
-    busy handler sleeps a millisecond or more per attempt: W1 of
-    bench/run.py ran at half the rate. Rows still queued when a worker is
-    killed outright are lost (milliseconds' worth); a graceful stop flushes
-    them (gunicorn.conf.py's worker_exit, and atexit).
-    """
-
-    BATCH_ROWS = 500
-
-    def __init__(self):
-        self._queue = queue.SimpleQueue()
-        self._thread = None
-        self._pid = None
-        self._lock = threading.Lock()
-
-    def put(self, path, row):
-        """Queue `row` for the file at `path`; start the thread if needed."""
-        if self._pid != os.getpid():
-            self._start()
-
-        self._queue.put((path, row))
-
-    def flush(self, timeout=10):
-        """Write every queued row and stop the thread (it restarts on demand)."""
-        thread = self._thread
-        if thread is None or self._pid != os.getpid() or not thread.is_alive():
-            return
-
-        self._queue.put(None)
-        thread.join(timeout)
-
-    def _start(self):
-        with self._lock:
-            if self._pid == os.getpid() and self._thread.is_alive():
-                return
-
-            # A forked worker inherits the queue object but not the thread.
-            self._queue = queue.SimpleQueue()
-            self._thread = threading.Thread(
-                target=self._run, name="usage-writer", daemon=True
-            )
-            self._pid = os.getpid()
-            self._thread.start()
-
-    def _run(self):
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < self.BATCH_ROWS:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-
-            stopping = None in batch
-            by_path = {}
-            for item in batch:
-                if item is not None:
-                    by_path.setdefault(item[0], []).append(item[1])
-
-            for path, rows in by_path.items():
-                write_rows(path, rows)
-
-            if stopping:
-                with self._lock:
-                    self._pid = None
-                return
-
-
-usage_writer = UsageWriter()
-atexit.register(usage_writer.flush)
 
 
 def _insert_with_totals(connection, rows):

@@ -61,10 +61,10 @@ def child_exit(server, worker):
 
 
 def worker_exit(server, worker):
-    """Write the usage rows this worker still has queued before it goes."""
-    import db
+    """Write the usage rows and log lines this worker still has queued."""
+    import accounting
 
-    db.usage_writer.flush()
+    accounting.writer.flush()
 
 
 def on_exit(server):

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 from conftest import wait_for_usage_rows
 
+import accounting
 import db
 from keys import fingerprint
 
@@ -132,7 +133,7 @@ def queue_rows_and_exit(path, count):
     """Child process: queue rows for the writer thread, then exit at once."""
     db.init_db(path)
     for number in range(count):
-        db.usage_writer.put(path, make_row("sha256:queued", number))
+        accounting.writer.put(path, make_row("sha256:queued", number), "a line")
 
 
 def test_rows_still_queued_when_a_process_exits_are_written(tmp_path):
@@ -156,8 +157,8 @@ def test_rows_of_several_files_are_queued_to_the_right_file(tmp_path):
     for path in paths:
         db.init_db(path)
     for number in range(10):
-        db.usage_writer.put(paths[number % 2], make_row("sha256:two", number))
-    db.usage_writer.flush()
+        accounting.writer.put(paths[number % 2], make_row("sha256:two", number), "-")
+    accounting.writer.flush()
 
     for n, path in enumerate(paths):
         written = read_all(path, "SELECT prompt_tokens FROM usage_log ORDER BY id")

@@ -3,11 +3,12 @@
 import json
 import socket
 import time
+from pathlib import Path
 
 import openai
 import pytest
 import requests
-from conftest import UPSTREAM_KEY, add_student, wait_for_usage_rows
+from conftest import UPSTREAM_KEY, add_student, wait_for_usage_rows, worker_pids
 
 from keys import generate_key
 
@@ -461,3 +462,13 @@ def test_a_key_in_the_url_path_is_refused_and_not_logged(proxy, upstream, studen
     assert log.count(student.email) == 2
     assert student.key not in log and UPSTREAM_KEY not in log
     assert all(student.key not in r["path"] for r in upstream.requests())
+
+
+def test_workers_start_all_their_request_threads_before_any_request(proxy_factory):
+    # gunicorn.conf.py starts them up front: a class's streams arriving at once
+    # must not wait for threads to be started one by one.
+    running = proxy_factory(workers=2)
+
+    for pid in worker_pids(running.process.pid):
+        threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
+        assert threads > 32  # start_proxy's 32 request threads, plus gthread's own

@@ -102,30 +102,25 @@ def table_floor(up, floor):
     # Not the proxy: bench/floor_app.py, what gunicorn + Flask + requests
     # cost with none of the proxy's work. No target; it bounds what is possible.
     ratio = floor["rps"] / up["rps"]
+    added_p99 = floor["p99_ms"] - up["p99_ms"]
     return [
-        (
+        _figure(
             "W1",
             "floor app requests/s",
             f"{up['rps']:.0f}",
             f"{floor['rps']:.0f} ({ratio:.0%})",
-            "",
-            None,
         ),
-        (
+        _figure(
             "W1",
             "floor app latency p99 ms",
             f"{up['p99_ms']:.1f}",
-            f"{floor['p99_ms']:.1f} (+{floor['p99_ms'] - up['p99_ms']:.1f})",
-            "",
-            None,
+            f"{floor['p99_ms']:.1f} (+{added_p99:.1f})",
         ),
-        (
+        _figure(
             "W1",
             "floor app CPU ms/request",
             "-",
             f"{floor['cpu_ms_per_request']['proxy']:.2f}",
-            "",
-            None,
         ),
     ]
 
@@ -134,31 +129,30 @@ def table_w2_floor(up, floor):
     added_first = floor["first_chunk_p50_ms"] - up["first_chunk_p50_ms"]
     gained_p99 = floor["chunk_delay_p99_ms"] - up["chunk_delay_p99_ms"]
     return [
-        (
+        _figure(
             "W2",
             "floor app streams complete",
             f"{up['complete']}/{up['streams']}",
             f"{floor['complete']}/{floor['streams']}",
-            "",
-            None,
         ),
-        (
+        _figure(
             "W2",
             "floor app first chunk p50 ms",
             f"{up['first_chunk_p50_ms']:.1f}",
             f"{floor['first_chunk_p50_ms']:.1f} (+{added_first:.1f})",
-            "",
-            None,
         ),
-        (
+        _figure(
             "W2",
             "floor app chunk delay p99 ms",
             f"{up['chunk_delay_p99_ms']:.1f}",
             f"{floor['chunk_delay_p99_ms']:.1f} (+{gained_p99:.1f})",
-            "",
-            None,
         ),
     ]
+
+
+def _figure(workload, metric, upstream, through):
+    """A table row shown for information, with no target."""
+    return (workload, metric, upstream, through, "", None)
 
 
 def table_w2(up, px):

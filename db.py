@@ -10,9 +10,10 @@ Token columns hold NULL when the upstream reported no usage: unknown is
 not zero.
 
 Usage is queued when a response ends and written by one thread per
-worker (accounting.py), many rows per transaction. Reads keep a connection
-per thread. WAL mode and a long busy timeout let several gunicorn workers
-write at once.
+worker (accounting.py), many rows per transaction. The budget read of
+every request shares one connection per worker (shared_connection);
+reports keep one per thread. WAL mode and a long busy timeout let several
+gunicorn workers write at once.
 """
 
 import logging
@@ -197,12 +198,11 @@ def get_db(path):
 def shared_connection(path, prepare=None):
     """Hold this process's one connection to `path` for a short statement.
 
-    For statements that every request thread runs (the budget read, the
-    rate-limit counters):
-    each SQLite connection keeps its own page cache and drops it whenever
-    another connection wrote, so one connection per thread would re-read the
-    same pages on every request. `prepare(connection)` runs once, when the
-    connection is opened.
+    For statements that every request runs (the budget read, the rate-limit
+    counters): each SQLite connection keeps its own page cache and drops it
+    whenever another connection wrote, so one connection per thread would
+    re-read the same pages on every request. `prepare(connection)` runs
+    once, when the connection is opened.
     """
     entry = _shared.get(path)
     if entry is None or entry[0] != os.getpid():

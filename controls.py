@@ -57,7 +57,6 @@ RELOADED = (
     "ALLOWED_MODELS",
     "DEFAULT_MODEL",
 )
-# A crashed worker cannot give its in-flight slots back; they lapse after this.
 MAX_MODEL_NAME_BYTES = 256
 COPY_CHUNK_BYTES = 64 * 1024
 

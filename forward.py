@@ -197,6 +197,39 @@ def is_event_stream(upstream):
     return content_type.startswith("text/event-stream")
 
 
+class _OpenAnswer:
+    """An answer being relayed, which cut_open_answers may end early."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.cut = False
+
+
+_open_answers = set()
+_open_answers_lock = threading.Lock()
+
+
+def cut_open_answers():
+    """End every answer still being relayed in this process; return how many.
+
+    For a worker about to be stopped: each cut answer ends as if the
+    upstream broke (an error event on a stream), so its request is still
+    accounted for, partial, before the process goes.
+    """
+    with _open_answers_lock:
+        answers = list(_open_answers)
+
+    for answer in answers:
+        answer.cut = True
+        try:
+            # Wakes the thread blocked reading this socket.
+            answer.upstream.raw.shutdown()
+        except (ValueError, RuntimeError, OSError):
+            pass  # already finished or released
+
+    return len(answers)
+
+
 def relay(upstream, meter):
     """Yield the upstream's body to the client as it arrives, metering it.
 
@@ -209,18 +242,28 @@ def relay(upstream, meter):
     # (environ["gunicorn.socket"]) between reads would notice it sooner.
     finished = False
     event_stream = meter.streamed = is_event_stream(upstream)
+    answer = _OpenAnswer(upstream)
+    with _open_answers_lock:
+        _open_answers.add(answer)
     try:
         if event_stream:
             yield from _relay_events(upstream, meter)
         else:
             yield from _relay_body(upstream, meter)
 
-        finished = True
+        finished = not answer.cut
+        if answer.cut and event_stream:
+            yield _stream_error_event(cut=True)
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
-        logger.warning("upstream stream broke url=%s error=%s", upstream.url, error)
+        if answer.cut:
+            logger.info("answer cut short: the worker is stopping url=%s", upstream.url)
+        else:
+            logger.warning("upstream stream broke url=%s error=%s", upstream.url, error)
         if event_stream:
-            yield _stream_error_event()
+            yield _stream_error_event(cut=answer.cut)
     finally:
+        with _open_answers_lock:
+            _open_answers.discard(answer)
         upstream.close()
         meter.partial = meter.partial or not finished
 
@@ -259,13 +302,21 @@ def _relay_body(upstream, meter):
         meter.read_body(bytes(copy))
 
 
-def _stream_error_event():
+def _stream_error_event(cut=False):
     # The status is long sent; an error event is how OpenAI reports a failure
     # mid-stream, and the SDKs raise APIError on it.
-    body = error_body(
-        "The connection to the OpenAI API broke mid-stream; the answer is "
-        "incomplete. Try again.",
-        "server_error",
-        "upstream_stream_broken",
-    )
+    if cut:
+        body = error_body(
+            "The proxy is restarting and had to end this answer early; it is "
+            "incomplete. Try again in a moment.",
+            "server_error",
+            "proxy_restarting",
+        )
+    else:
+        body = error_body(
+            "The connection to the OpenAI API broke mid-stream; the answer is "
+            "incomplete. Try again.",
+            "server_error",
+            "upstream_stream_broken",
+        )
     return b"data: " + json.dumps(body).encode() + b"\n\n"

@@ -23,13 +23,16 @@ workers = int(os.environ.get("PROXY_WORKERS", "2"))
 # workers * threads is how many requests (streams included) run at once: a
 # stream holds its thread to the end. 500 concurrent streams must all start,
 # and the kernel does not spread connections evenly over the workers, so
-# each worker gets room for more than half of them. Idle threads are not
-# created until needed; how many there are did not change W1's cost per
+# each worker gets room for more than half of them. All are started at boot
+# (post_worker_init); how many there are did not change W1's cost per
 # request (32 and 384 measured alike).
 threads = int(os.environ.get("PROXY_THREADS", "384"))
 timeout = 60
 graceful_timeout = 30
 keepalive = 5
+# Streams still open this long before a stopping worker is killed are ended
+# and accounted for (see _cut_long_answers_before_the_kill).
+CUT_BEFORE_KILL_SECONDS = 5
 # Load the app once in the master: a bad config.json stops start-up with one
 # message instead of a crash loop of workers.
 preload_app = True
@@ -76,6 +79,12 @@ def on_exit(server):
 
 
 def post_worker_init(worker):
+    """Get the worker ready: all its threads started, a stop that loses nothing."""
+    _start_all_threads(worker)
+    _cut_long_answers_before_the_kill(worker)
+
+
+def _start_all_threads(worker):
     """Start all of the worker's request threads now, not in the first rush.
 
     gthread starts a thread for a request when none is idle, and its main
@@ -97,3 +106,29 @@ def post_worker_init(worker):
     release.set()
     for future in waiting:
         future.result()
+
+
+def _cut_long_answers_before_the_kill(worker):
+    """On a graceful stop, end answers that would outlive graceful_timeout.
+
+    gunicorn kills a stopping worker (a restart, a reload, SIGTERM) that is
+    still busy after graceful_timeout, and a stream killed that way leaves
+    no usage row and no log line. A few seconds before that, the streams
+    still open are ended with an error event, accounted for as partial,
+    and the queued rows are written before the worker exits.
+    """
+    import signal
+    import threading
+
+    from forward import cut_open_answers
+
+    stop_gracefully = signal.getsignal(signal.SIGTERM)
+    delay = max(worker.cfg.graceful_timeout - CUT_BEFORE_KILL_SECONDS, 1)
+
+    def on_stop(signum, frame):
+        stop_gracefully(signum, frame)
+        timer = threading.Timer(delay, cut_open_answers)
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_stop)

@@ -1,10 +1,10 @@
 """The floor: the least a Flask app forwarding through requests can cost.
 
 No keys, limits, accounting or logs: one view that sends the body upstream
-with the real key and streams the answer back. bench/run.py runs W1
-through it on the same gunicorn worker class, workers and threads as the
-proxy, so the table shows what the fixed shape (gunicorn, Flask, requests)
-costs before any of the proxy's own work.
+with the real key and streams the answer back. bench/run.py runs W1 and W2
+through it under the shipped gunicorn.conf.py, as the proxy, so the table
+shows what the fixed shape (gunicorn, Flask, requests) costs before any of
+the proxy's own work.
 """
 
 import os
@@ -14,6 +14,8 @@ import requests
 from flask import Flask, Response, request
 
 app = Flask(__name__)
+# gunicorn.conf.py's hooks look for the folder where uploads are spooled.
+app.config["DATA_DIR"] = os.environ["FLOOR_DATA_DIR"]
 UPSTREAM_URL = os.environ["FLOOR_UPSTREAM_URL"]
 UPSTREAM_KEY = os.environ["FLOOR_UPSTREAM_KEY"]
 NOT_FORWARDED = {"host", "authorization", "content-length", "connection"}

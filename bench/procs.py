@@ -155,38 +155,27 @@ def start_proxy(data_dir, upstream_url, port):
     return process, f"http://127.0.0.1:{port}"
 
 
-def start_floor_proxy(upstream_url, port, log_path):
-    """Start bench/floor_app.py on gunicorn, workers and threads as the proxy's."""
+def start_floor_proxy(upstream_url, port, data_dir):
+    """Start bench/floor_app.py as the proxy is started: the shipped gunicorn.conf.py."""
     env = {
         **os.environ,
         "FLOOR_UPSTREAM_URL": upstream_url,
         "FLOOR_UPSTREAM_KEY": UPSTREAM_KEY,
+        "FLOOR_DATA_DIR": str(data_dir),
     }
-    settings = read_gunicorn_conf()
-    with open(log_path, "w") as log:
+    with open(data_dir / "floor.log", "w") as log:
         process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "gunicorn", "floor_app:app"),
-                *("--bind", f"127.0.0.1:{port}", "--config", "/dev/null"),
-                *("--worker-class", settings["worker_class"]),
-                *("--workers", str(settings["workers"])),
-                *("--threads", str(settings["threads"])),
+                *(sys.executable, "-m", "gunicorn", "bench.floor_app:app"),
+                *("--bind", f"127.0.0.1:{port}"),
             ],
-            cwd=PROJECT_DIR / "bench",
+            cwd=PROJECT_DIR,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
 
     return process, f"http://127.0.0.1:{port}"
-
-
-def read_gunicorn_conf():
-    """Return the worker class, workers and threads gunicorn.conf.py sets."""
-    settings = {}
-    code = (PROJECT_DIR / "gunicorn.conf.py").read_text()
-    exec(compile(code, "gunicorn.conf.py", "exec"), settings)
-    return settings
 
 
 def wait_until_up(process, url):

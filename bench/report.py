@@ -278,7 +278,7 @@ def table_w5(w5):
     rows = [
         (
             "W5",
-            f"{c['keys']} keys, {c['rows_before']:,} rows: CPU ms/req",
+            f"{c['keys']} keys, {c['rows'][0]:,} to {c['rows'][1]:,} rows: CPU ms/req",
             "-",
             f"{c['cpu_ms_per_request']:.2f} ({c['rps']:.0f}/s)",
             "",

@@ -4,7 +4,7 @@ Starts tests/fake_upstream.py and `gunicorn wsgi:app` (the shipped
 gunicorn.conf.py) on 127.0.0.1, runs each workload straight to the
 upstream and then through the proxy, prints one table and writes JSON.
 
-    .venv/bin/python bench/run.py            # full run, about 2 minutes
+    .venv/bin/python bench/run.py            # full run, about 3 minutes
     .venv/bin/python bench/run.py --quick    # smaller counts, under 1 minute
 
 Client, upstream and proxy share the machine's cores, so wall-clock
@@ -95,8 +95,10 @@ class Bench:
             self.data_dir, self.upstream_url, get_free_port()
         )
         wait_until_up(self.proxy, f"{self.proxy_url}/health")
+        floor_dir = self.data_dir.parent / "floor"
+        floor_dir.mkdir()
         self.floor, self.floor_url = start_floor_proxy(
-            self.upstream_url, get_free_port(), self.data_dir / "floor.log"
+            self.upstream_url, get_free_port(), floor_dir
         )
         return self
 
@@ -323,9 +325,8 @@ def run_w5(bench):
                 bench.run_chats(True, bench.keys(keys), sizes["w5_requests"])
             )
 
-    cases = [
-        summarize_w5_case(keys, rows_before, rounds[keys]) for keys in sizes["w5_keys"]
-    ]
+    rows = (rows_before, count_rows(bench.usage_path))
+    cases = [summarize_w5_case(keys, rows, rounds[keys]) for keys in sizes["w5_keys"]]
     write_keys(bench.data_dir, bench.students[:fewest_keys])
     started = time.monotonic()
     prefill_rows(bench.usage_path, large_rows, bench.students)
@@ -335,16 +336,18 @@ def run_w5(bench):
         bench.run_chats(True, bench.keys(fewest_keys), sizes["w5_requests"])
         for _ in range(W5_ROUNDS)
     ]
-    cases.append(summarize_w5_case(fewest_keys, rows_before, large))
+    rows = (rows_before, count_rows(bench.usage_path))
+    cases.append(summarize_w5_case(fewest_keys, rows, large))
     bench.results["W5"] = {"cases": cases, "prefill_seconds": prefill_seconds}
 
 
-def summarize_w5_case(keys, rows_before, rounds):
+def summarize_w5_case(keys, rows, rounds):
     # Best of the rounds: other load on a shared machine only ever adds CPU.
     best = min(rounds, key=lambda figures: figures["cpu_ms_per_request"]["proxy"])
     return {
         "keys": keys,
-        "rows_before": rows_before,
+        # usage.sqlite's rows before the case's first round and after its last.
+        "rows": list(rows),
         "rps": best["rps"],
         "cpu_ms_per_request": best["cpu_ms_per_request"]["proxy"],
         "cpu_ms_per_request_rounds": [

@@ -138,19 +138,19 @@ class Proxy:
         return path.read_text() if path.exists() else ""
 
 
-def start_proxy(data_dir, settings, workers=2, threads=32):
+def start_proxy(data_dir, settings, workers=2, threads=32, gunicorn_args=()):
     """Start gunicorn on a free port with config.json = `settings`; wait for it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config_path = data_dir / "config.json"
     config_path.write_text(json.dumps({"DATA_DIR": str(data_dir), **settings}))
     proxy = start_gunicorn(
-        {"PROXY_CONFIG": str(config_path)}, data_dir, workers, threads
+        {"PROXY_CONFIG": str(config_path)}, data_dir, workers, threads, gunicorn_args
     )
     _wait_until_healthy(proxy)
     return proxy
 
 
-def start_gunicorn(env, data_dir, workers=1, threads=32):
+def start_gunicorn(env, data_dir, workers=1, threads=32, gunicorn_args=()):
     """Start `gunicorn wsgi:app` on a free port with `env` added; do not wait."""
     port = get_free_port()
     log_path = data_dir / "gunicorn.log"
@@ -160,6 +160,7 @@ def start_gunicorn(env, data_dir, workers=1, threads=32):
                 *(sys.executable, "-m", "gunicorn", "wsgi:app"),
                 *("--bind", f"127.0.0.1:{port}"),
                 *("--workers", str(workers), "--threads", str(threads)),
+                *gunicorn_args,
             ],
             cwd=PROJECT_DIR,
             env={**os.environ, **env},
@@ -217,9 +218,12 @@ def proxy_factory(fake_upstream, tmp_path):
     """Build a proxy with its own settings; stopped after the test."""
     started = []
 
-    def build(workers=2, name="custom", **settings):
+    def build(workers=2, name="custom", gunicorn_args=(), **settings):
         running = start_proxy(
-            tmp_path / name, {**upstream_settings(fake_upstream), **settings}, workers
+            tmp_path / name,
+            {**upstream_settings(fake_upstream), **settings},
+            workers,
+            gunicorn_args=gunicorn_args,
         )
         started.append(running)
         return running

@@ -1,14 +1,19 @@
 """The proxy through real gunicorn, driven by the official openai SDK."""
 
 import json
+import signal
 import socket
 import time
-from pathlib import Path
 
 import openai
 import pytest
 import requests
-from conftest import UPSTREAM_KEY, add_student, wait_for_usage_rows, worker_pids
+from conftest import (
+    UPSTREAM_KEY,
+    add_student,
+    read_usage_rows,
+    wait_for_usage_rows,
+)
 
 from keys import generate_key
 
@@ -464,11 +469,30 @@ def test_a_key_in_the_url_path_is_refused_and_not_logged(proxy, upstream, studen
     assert all(student.key not in r["path"] for r in upstream.requests())
 
 
-def test_workers_start_all_their_request_threads_before_any_request(proxy_factory):
-    # gunicorn.conf.py starts them up front: a class's streams arriving at once
-    # must not wait for threads to be started one by one.
-    running = proxy_factory(workers=2)
+def test_a_graceful_stop_ends_long_streams_and_accounts_for_them(
+    proxy_factory, make_client
+):
+    # gunicorn kills a stopping worker after graceful_timeout; a stream that
+    # would outlive it is ended a few seconds before, with an error the SDK
+    # raises, and still leaves its row and its log line.
+    running = proxy_factory(
+        workers=1, name="stopping", gunicorn_args=("--graceful-timeout", "7")
+    )
+    student = add_student(running.data_dir / "keys.json")
+    stream = make_client(running, student.key).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[],
+        stream=True,
+        extra_headers={"x-fake-chunks": "300", "x-fake-interval-ms": "100"},
+    )
+    chunks = iter(stream)
+    next(chunks)
 
-    for pid in worker_pids(running.process.pid):
-        threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
-        assert threads > 32  # start_proxy's 32 request threads, plus gthread's own
+    running.process.send_signal(signal.SIGTERM)
+
+    with pytest.raises(openai.APIError, match="restarting"):
+        list(chunks)
+    assert running.process.wait(timeout=20) == 0
+    [row] = read_usage_rows(running.usage_path, student.fingerprint)
+    assert (row["streamed"], row["partial"], row["tokens_estimated"]) == (1, 1, 1)
+    assert student.email in running.access_log()

@@ -9,6 +9,7 @@ time, everything else in pieces as the socket delivers them.
 import json
 import logging
 import os
+import socket
 import threading
 from urllib.parse import quote
 
@@ -142,12 +143,51 @@ def build_client_headers(upstream_headers):
     ]
 
 
+class _InterruptibleWait:
+    """Mixin for urllib3 connections: a stopping worker can end their wait.
+
+    A request still waiting for the upstream's first byte (a slow model)
+    has no answer to cut yet; shutting its socket down makes getresponse
+    fail at once, and the student gets an error instead of a killed
+    connection.
+    """
+
+    def getresponse(self, *args, **kwargs):
+        with _open_answers_lock:
+            _waiting_connections.add(self)
+        try:
+            return super().getresponse(*args, **kwargs)
+        finally:
+            with _open_answers_lock:
+                _waiting_connections.discard(self)
+
+
+class _HTTPConnection(_InterruptibleWait, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_InterruptibleWait, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPConnectionPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSConnectionPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
 class _UploadFriendlyAdapter(requests.adapters.HTTPAdapter):
     # urllib3 sends a file body 16 KiB at a time; a 50 MB upload read from
     # disk goes out faster in larger pieces.
     def init_poolmanager(self, *args, **kwargs):
         kwargs["blocksize"] = SEND_SIZE
         super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _HTTPConnectionPool,
+            "https": _HTTPSConnectionPool,
+        }
 
 
 def _get_adapter():
@@ -185,6 +225,12 @@ def send_upstream(method, url, headers, body, timeouts):
             "The OpenAI API did not answer in time. Try again in a moment."
         ) from error
     except requests.RequestException as error:
+        if _stopping.is_set():
+            raise UpstreamError(
+                "The proxy is restarting and had to end this request before the "
+                "OpenAI API answered. Try again in a moment.",
+                code="proxy_restarting",
+            ) from error
         raise UpstreamError(
             "The proxy could not reach the OpenAI API. Try again in a moment; "
             "if it keeps failing, tell your teacher."
@@ -206,18 +252,29 @@ class _OpenAnswer:
 
 
 _open_answers = set()
+_waiting_connections = set()
 _open_answers_lock = threading.Lock()
+_stopping = threading.Event()
 
 
 def cut_open_answers():
-    """End every answer still being relayed in this process; return how many.
+    """End every upstream request still open in this process; return how many.
 
-    For a worker about to be stopped: each cut answer ends as if the
-    upstream broke (an error event on a stream), so its request is still
-    accounted for, partial, before the process goes.
+    For a worker about to be stopped: each answer being relayed ends as if
+    the upstream broke (an error event on a stream), and each request still
+    waiting for its answer fails with a "restarting" error, so all of them
+    are still accounted for before the process goes.
     """
+    _stopping.set()
     with _open_answers_lock:
         answers = list(_open_answers)
+        waiting = list(_waiting_connections)
+
+    for connection in waiting:
+        try:
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        except (AttributeError, OSError):
+            pass  # answered or closed meanwhile
 
     for answer in answers:
         answer.cut = True
@@ -227,7 +284,7 @@ def cut_open_answers():
         except (ValueError, RuntimeError, OSError):
             pass  # already finished or released
 
-    return len(answers)
+    return len(answers) + len(waiting)
 
 
 def relay(upstream, meter):

@@ -3,6 +3,7 @@
 import json
 import signal
 import socket
+import threading
 import time
 
 import openai
@@ -495,4 +496,39 @@ def test_a_graceful_stop_ends_long_streams_and_accounts_for_them(
     assert running.process.wait(timeout=20) == 0
     [row] = read_usage_rows(running.usage_path, student.fingerprint)
     assert (row["streamed"], row["partial"], row["tokens_estimated"]) == (1, 1, 1)
+    assert student.email in running.access_log()
+
+
+def test_a_graceful_stop_ends_requests_still_waiting_for_the_upstream(
+    proxy_factory, make_client
+):
+    # A slow model may not have sent a byte when the worker must go: the
+    # student gets an error saying so, and the request its row and line.
+    running = proxy_factory(
+        workers=1, name="stopping", gunicorn_args=("--graceful-timeout", "7")
+    )
+    student = add_student(running.data_dir / "keys.json")
+    sdk = make_client(running, student.key)
+    outcome = {}
+
+    def ask():
+        try:
+            sdk.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[],
+                extra_headers={"x-fake-delay-ms": "30000"},
+            )
+        except openai.APIError as error:
+            outcome["error"] = error
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    time.sleep(1)
+    running.process.send_signal(signal.SIGTERM)
+    asking.join(timeout=20)
+
+    assert "restarting" in str(outcome.get("error"))
+    assert running.process.wait(timeout=20) == 0
+    [row] = read_usage_rows(running.usage_path, student.fingerprint)
+    assert row["status"] == 502
     assert student.email in running.access_log()

@@ -121,18 +121,28 @@ def start_upstream():
     return process, f"http://127.0.0.1:{line.split()[1]}"
 
 
-def start_proxy(data_dir, upstream_url, port):
-    """Start `gunicorn wsgi:app` with gunicorn.conf.py; return (process, url)."""
+# The limits stay on, so their cost is measured, but high enough that the
+# benchmark's bursts from a few keys are never refused.
+CONTROLS_ON = {
+    "RATE_LIMIT_PER_STUDENT": "1000000/minute",
+    "MAX_CONCURRENT_PER_STUDENT": 1000,
+    "DAILY_TOKEN_BUDGET": 10**12,
+}
+CONTROLS_OFF = dict.fromkeys(CONTROLS_ON)
+
+
+def start_proxy(data_dir, upstream_url, port, controls=True):
+    """Start `gunicorn wsgi:app` with gunicorn.conf.py; return (process, url).
+
+    With `controls` false, request limits, in-flight slots and budgets are
+    off: what is left is keys, forwarding, accounting and the access log.
+    """
     config_path = data_dir / "config.json"
     config = {
         "OPENAI_API_KEY": UPSTREAM_KEY,
         "OPENAI_BASE_URL": upstream_url,
         "DATA_DIR": str(data_dir),
-        # The limits stay on, so their cost is measured, but high enough that
-        # the benchmark's bursts from a few keys are never refused.
-        "RATE_LIMIT_PER_STUDENT": "1000000/minute",
-        "MAX_CONCURRENT_PER_STUDENT": 1000,
-        "DAILY_TOKEN_BUDGET": 10**12,
+        **(CONTROLS_ON if controls else CONTROLS_OFF),
     }
     config_path.write_text(json.dumps(config))
     env = {**os.environ, "PROXY_CONFIG": str(config_path)}

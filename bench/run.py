@@ -80,8 +80,9 @@ QUICK = {
 class Bench:
     """The running servers, the students and the results of one run."""
 
-    def __init__(self, work_dir, sizes):
+    def __init__(self, work_dir, sizes, controls=True):
         self.sizes = sizes
+        self.controls = controls
         self.data_dir = work_dir / "data"
         self.data_dir.mkdir()
         self.usage_path = self.data_dir / "usage.sqlite"
@@ -92,7 +93,7 @@ class Bench:
         self.upstream, self.upstream_url = start_upstream()
         write_keys(self.data_dir, self.students[:10])
         self.proxy, self.proxy_url = start_proxy(
-            self.data_dir, self.upstream_url, get_free_port()
+            self.data_dir, self.upstream_url, get_free_port(), self.controls
         )
         wait_until_up(self.proxy, f"{self.proxy_url}/health")
         floor_dir = self.data_dir.parent / "floor"
@@ -372,14 +373,19 @@ def summarize_w5_case(keys, rows, rounds):
     multiple=True,
     help="Run only these workloads (W4 comes with W1 plus W2).",
 )
-def main(quick, out, only):
+@click.option(
+    "--without-controls",
+    is_flag=True,
+    help="Run the proxy with request limits, in-flight slots and budgets off.",
+)
+def main(quick, out, only, without_controls):
     """Measure the proxy against the fake upstream alone; print a table."""
     sizes = QUICK if quick else FULL
     only = set(only) or {"W1", "W2", "W3", "W5"}
     started = time.monotonic()
     work_dir = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
     try:
-        with Bench(work_dir, sizes) as bench:
+        with Bench(work_dir, sizes, controls=not without_controls) as bench:
             if "W1" in only:
                 run_w1(bench)
             if "W2" in only:
@@ -397,6 +403,7 @@ def main(quick, out, only):
         "machine": describe_machine(),
         "sizes": sizes,
         "gunicorn": read_gunicorn_settings(),
+        "controls": not without_controls,
         "seconds": time.monotonic() - started,
         "results": results,
     }
@@ -407,6 +414,8 @@ def main(quick, out, only):
         f"\n{report['machine']['cpus']} CPUs shared by client, proxy and upstream; "
         "proxy CPU from /proc (gunicorn master + workers), client CPU from getrusage."
     )
+    if without_controls:
+        click.echo("The proxy ran with request limits, slots and budgets off.")
     click.echo(f"run took {report['seconds']:.0f} s; results in {out}")
 
 

@@ -5,10 +5,14 @@ Flags on the command line win over this file (`--bind`, `--workers`,
 
 gthread workers: each request holds a thread, not a process, so hundreds
 of long streams fit in a few processes. The plain sync worker serves one
-request per process, so 500 open streams would need 500 processes; gevent
-and eventlet are not sync workers, which this project keeps to. For short
-requests gthread also measured cheaper than sync with the same minimal app
-(bench/floor_app.py: about 1.6 ms of CPU a request against 1.8). The worker's timeout only watches
+request per process, so 500 open streams would need 500 processes. For
+short requests gthread also measured cheaper than sync with the same
+minimal app (bench/floor_app.py: about 1.6 ms of CPU a request against
+1.8). gevent and eventlet are not sync workers, which this project keeps
+to; measured once for comparison (`GUNICORN_CMD_ARGS="-k gevent
+--worker-connections 1000"`, same run conditions), gevent cost 2.0 ms a W1
+request against gthread's 3.2 and added 337 ms to W2's first chunk against
+675, with the floor app at 0.84 ms. The worker's timeout only watches
 the worker's own heartbeat, which its main loop keeps sending while request
 threads wait on the upstream, so a ten-minute stream is not killed.
 """
@@ -28,8 +32,10 @@ workers = int(os.environ.get("PROXY_WORKERS", "2"))
 # stream holds its thread to the end. 500 concurrent streams must all start,
 # and the kernel does not spread connections evenly over the workers, so
 # each worker gets room for more than half of them. All are started at boot
-# (post_worker_init); how many there are did not change W1's cost per
-# request (32 and 384 measured alike).
+# (post_worker_init). That room has a price: with 16 threads a worker, W1
+# cost 1.7 to 2.3 ms of CPU a request, with 384 2.3 to 3.3 (alternating
+# runs, 2026-12-04). Why is not settled: a pool handing work to the most
+# recently idle thread, rather than the longest idle, won back under a tenth.
 threads = int(os.environ.get("PROXY_THREADS", "384"))
 timeout = 60
 graceful_timeout = 30

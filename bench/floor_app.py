@@ -22,6 +22,11 @@ NOT_FORWARDED = {"host", "authorization", "content-length", "connection"}
 _local = threading.local()
 
 
+@app.get("/health")
+def health():
+    return "ok"
+
+
 @app.post("/v1/<path:subpath>")
 def forward(subpath):
     adapter = getattr(_local, "adapter", None)

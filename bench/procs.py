@@ -188,7 +188,8 @@ def start_floor_proxy(upstream_url, port, data_dir):
     return process, f"http://127.0.0.1:{port}"
 
 
-def wait_until_up(process, url):
+def wait_until_up(process, url, log_path):
+    """Wait for `url` to answer; fail with the end of the server's log if not."""
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -197,7 +198,13 @@ def wait_until_up(process, url):
         except OSError:
             time.sleep(0.1)
 
-    raise click.ClickException(f"{url} did not come up")
+    try:
+        last_lines = Path(log_path).read_text(errors="replace").splitlines()[-15:]
+    except OSError:
+        last_lines = []
+    raise click.ClickException(
+        "\n".join([f"{url} did not come up; the end of {log_path}:", *last_lines])
+    )
 
 
 def urlopen_local(url):
@@ -211,13 +218,24 @@ def get_free_port():
         return probe.getsockname()[1]
 
 
-def stop(process):
-    process.terminate()
+def stop(*processes):
+    """Stop `processes`: all are asked at once, so an interrupt leaves none."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+
     try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    except BaseException:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+        raise
 
 
 # Students and rows.

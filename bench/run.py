@@ -17,7 +17,10 @@ getrusage, each on its own line.
 import asyncio
 import json
 import os
+import runpy
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,25 +91,41 @@ class Bench:
         self.usage_path = self.data_dir / "usage.sqlite"
         self.students = make_students(max(sizes["w5_keys"]))
         self.results = {}
+        # Every server started, so that each is stopped whatever happens.
+        self.processes = []
 
     def __enter__(self):
-        self.upstream, self.upstream_url = start_upstream()
-        write_keys(self.data_dir, self.students[:10])
-        self.proxy, self.proxy_url = start_proxy(
-            self.data_dir, self.upstream_url, get_free_port(), self.controls
-        )
-        wait_until_up(self.proxy, f"{self.proxy_url}/health")
-        floor_dir = self.data_dir.parent / "floor"
-        floor_dir.mkdir()
-        self.floor, self.floor_url = start_floor_proxy(
-            self.upstream_url, get_free_port(), floor_dir
-        )
+        try:
+            self.upstream, self.upstream_url = start_upstream()
+            self.processes.append(self.upstream)
+            self.proxy, self.proxy_url = self.start_proxy(self.data_dir, 10)
+            floor_dir = self.data_dir.parent / "floor"
+            floor_dir.mkdir()
+            self.floor, self.floor_url = start_floor_proxy(
+                self.upstream_url, get_free_port(), floor_dir
+            )
+            self.processes.append(self.floor)
+            wait_until_up(
+                self.floor, f"{self.floor_url}/health", floor_dir / "floor.log"
+            )
+        except BaseException:
+            stop(*self.processes)
+            raise
+
         return self
 
     def __exit__(self, *exc):
-        stop(self.floor)
-        stop(self.proxy)
-        stop(self.upstream)
+        stop(*self.processes)
+
+    def start_proxy(self, data_dir, key_count):
+        """Start `gunicorn wsgi:app` on `data_dir` with the first `key_count` keys."""
+        write_keys(data_dir, self.students[:key_count])
+        process, url = start_proxy(
+            data_dir, self.upstream_url, get_free_port(), self.controls
+        )
+        self.processes.append(process)
+        wait_until_up(process, f"{url}/health", data_dir / "gunicorn.log")
+        return process, url
 
     def keys(self, count):
         return [s["key"] for s in self.students[:count]]
@@ -123,28 +142,23 @@ class Bench:
         url = f"{self.floor_url}/v1/chat/completions"
         return self.measure_chats(url, ["-"], count, proxy=self.floor)
 
-    def measure_chats(self, url, keys, count, count_rows_too=False, proxy=None):
+    def measure_chats(
+        self, url, keys, count, count_rows_too=False, proxy=None, usage_path=None
+    ):
+        usage_path = usage_path or self.usage_path
         concurrency = self.sizes["w1_concurrency"]
         asyncio.run(send_chats(url, keys, self.sizes["warmup_requests"], concurrency))
-        self.settle_rows()
+        settle_rows(usage_path)
 
         before = self.read_cpu(proxy)
-        first_id = count_rows(self.usage_path)
+        first_id = count_rows(usage_path)
         outcome = asyncio.run(send_chats(url, keys, count, concurrency))
         after = self.read_cpu(proxy)
         figures = summarize_chats(outcome, before, after, count)
         if count_rows_too:
-            figures["rows"] = wait_for_rows(self.usage_path, first_id, count)
+            figures["rows"] = wait_for_rows(usage_path, first_id, count)
 
         return figures
-
-    def settle_rows(self):
-        # Warm-up rows are written as responses close; let them land first.
-        last = -1
-        deadline = time.monotonic() + ROWS_SETTLE_SECONDS
-        while time.monotonic() < deadline and last != count_rows(self.usage_path):
-            last = count_rows(self.usage_path)
-            time.sleep(0.3)
 
     def read_cpu(self, proxy=None):
         proxy = proxy or self.proxy
@@ -313,32 +327,44 @@ def write_random_file(path, megabytes):
 
 def run_w5(bench):
     sizes = bench.sizes
+    count = sizes["w5_requests"]
     small_rows, large_rows = sizes["w5_rows"]
     fewest_keys = sizes["w5_keys"][0]
     prefill_rows(bench.usage_path, small_rows, bench.students)
-    rows_before = count_rows(bench.usage_path)
+    # The large usage.sqlite belongs to a second proxy on its own data folder,
+    # so that every case takes its turn in every round: a slow spell of a
+    # shared machine then falls on all cases alike.
+    large_dir = bench.data_dir.parent / "large-rows"
+    large_dir.mkdir()
+    large_proxy, large_url = bench.start_proxy(large_dir, fewest_keys)
+    large_usage = large_dir / "usage.sqlite"
+    started = time.monotonic()
+    prefill_rows(large_usage, large_rows, bench.students[:fewest_keys])
+    prefill_seconds = time.monotonic() - started
+
+    rows_before = count_rows(bench.usage_path), count_rows(large_usage)
     rounds = {keys: [] for keys in sizes["w5_keys"]}
-    # Round-robin: a slow spell of a shared machine falls on every case alike.
+    large_rounds = []
     for _ in range(W5_ROUNDS):
         for keys in sizes["w5_keys"]:
             write_keys(bench.data_dir, bench.students[:keys])
-            rounds[keys].append(
-                bench.run_chats(True, bench.keys(keys), sizes["w5_requests"])
-            )
+            rounds[keys].append(bench.run_chats(True, bench.keys(keys), count))
 
-    rows = (rows_before, count_rows(bench.usage_path))
+        large_rounds.append(
+            bench.measure_chats(
+                f"{large_url}/v1/chat/completions",
+                bench.keys(fewest_keys),
+                count,
+                proxy=large_proxy,
+                usage_path=large_usage,
+            )
+        )
+
+    rows = (rows_before[0], count_rows(bench.usage_path))
     cases = [summarize_w5_case(keys, rows, rounds[keys]) for keys in sizes["w5_keys"]]
+    large_rows_seen = (rows_before[1], count_rows(large_usage))
+    cases.append(summarize_w5_case(fewest_keys, large_rows_seen, large_rounds))
     write_keys(bench.data_dir, bench.students[:fewest_keys])
-    started = time.monotonic()
-    prefill_rows(bench.usage_path, large_rows, bench.students)
-    prefill_seconds = time.monotonic() - started
-    rows_before = count_rows(bench.usage_path)
-    large = [
-        bench.run_chats(True, bench.keys(fewest_keys), sizes["w5_requests"])
-        for _ in range(W5_ROUNDS)
-    ]
-    rows = (rows_before, count_rows(bench.usage_path))
-    cases.append(summarize_w5_case(fewest_keys, rows, large))
     bench.results["W5"] = {"cases": cases, "prefill_seconds": prefill_seconds}
 
 
@@ -380,6 +406,9 @@ def summarize_w5_case(keys, rows, rounds):
 )
 def main(quick, out, only, without_controls):
     """Measure the proxy against the fake upstream alone; print a table."""
+    check_writable(out)
+    # A plain `kill` ends the run as Ctrl-C does: servers stopped, files removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sizes = QUICK if quick else FULL
     only = set(only) or {"W1", "W2", "W3", "W5"}
     started = time.monotonic()
@@ -407,9 +436,12 @@ def main(quick, out, only, without_controls):
         "seconds": time.monotonic() - started,
         "results": results,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=list))
     print_table(build_table(results))
+    try:
+        out.write_text(json.dumps(report, indent=2, default=list))
+    except OSError as error:
+        raise click.ClickException(f"could not write the results: {error}") from error
+
     click.echo(
         f"\n{report['machine']['cpus']} CPUs shared by client, proxy and upstream; "
         "proxy CPU from /proc (gunicorn master + workers), client CPU from getrusage."
@@ -419,11 +451,38 @@ def main(quick, out, only, without_controls):
     click.echo(f"run took {report['seconds']:.0f} s; results in {out}")
 
 
+def check_writable(out):
+    """Fail before the run, not after it, if the results cannot be written."""
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a"):
+            pass
+    except OSError as error:
+        raise click.BadParameter(str(error), param_hint="--out") from error
+
+    if not existed:
+        out.unlink()
+
+
+def settle_rows(usage_path):
+    # Warm-up rows are written as responses close; let them land first.
+    last = -1
+    deadline = time.monotonic() + ROWS_SETTLE_SECONDS
+    while time.monotonic() < deadline and last != count_rows(usage_path):
+        last = count_rows(usage_path)
+        time.sleep(0.3)
+
+
 def read_gunicorn_settings():
-    env = os.environ
+    """The worker settings the proxy ran with: gunicorn.conf.py as loaded."""
+    conf = runpy.run_path(str(PROJECT_DIR / "gunicorn.conf.py"))
     return {
-        "workers": env.get("PROXY_WORKERS", "conf default"),
-        "threads": env.get("PROXY_THREADS", "conf default"),
+        "worker_class": conf["worker_class"],
+        "workers": conf["workers"],
+        "threads": conf["threads"],
+        # Flags here win over the file (the README's gevent comparison).
+        "GUNICORN_CMD_ARGS": os.environ.get("GUNICORN_CMD_ARGS"),
     }
 
 

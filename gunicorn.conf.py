@@ -10,9 +10,9 @@ short requests gthread also measured cheaper than sync with the same
 minimal app (bench/floor_app.py: about 1.6 ms of CPU a request against
 1.8). gevent and eventlet are not sync workers, which this project keeps
 to; measured once for comparison (`GUNICORN_CMD_ARGS="-k gevent
---worker-connections 1000"`, same run conditions), gevent cost 2.0 ms a W1
-request against gthread's 3.2 and added 337 ms to W2's first chunk against
-675, with the floor app at 0.84 ms. The worker's timeout only watches
+--worker-connections 1000"`), gevent cost 2.0 ms a W1 request (gthread:
+2.3 to 3.3 in the same day's runs) and added 337 ms to W2's first chunk
+(gthread: 550 to 830), with the floor app at 0.84 ms. The worker's timeout only watches
 the worker's own heartbeat, which its main loop keeps sending while request
 threads wait on the upstream, so a ten-minute stream is not killed.
 """

@@ -4,7 +4,7 @@ Starts tests/fake_upstream.py and `gunicorn wsgi:app` (the shipped
 gunicorn.conf.py) on 127.0.0.1, runs each workload straight to the
 upstream and then through the proxy, prints one table and writes JSON.
 
-    .venv/bin/python bench/run.py            # full run, about 3 minutes
+    .venv/bin/python bench/run.py            # full run, about 4 minutes
     .venv/bin/python bench/run.py --quick    # smaller counts, under 1 minute
 
 Client, upstream and proxy share the machine's cores, so wall-clock

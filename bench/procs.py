@@ -17,6 +17,7 @@ import click
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
+from config import DEFAULTS
 from keys import fingerprint, generate_key, update_keys
 
 UPSTREAM_KEY = "sk-bench-upstream-key"
@@ -113,10 +114,14 @@ def start_upstream():
         stdout=subprocess.PIPE,
         text=True,
     )
-    line = process.stdout.readline()
-    if not line.startswith("LISTENING"):
+    try:
+        line = process.stdout.readline()
+        if not line.startswith("LISTENING"):
+            raise click.ClickException("the fake upstream did not start")
+    except BaseException:
+        # Ctrl-C or kill while it starts: it is not in the run's list yet.
         stop(process)
-        raise click.ClickException("the fake upstream did not start")
+        raise
 
     return process, f"http://127.0.0.1:{line.split()[1]}"
 
@@ -145,7 +150,7 @@ def start_proxy(data_dir, upstream_url, port, controls=True):
         **(CONTROLS_ON if controls else CONTROLS_OFF),
     }
     config_path.write_text(json.dumps(config))
-    env = {**os.environ, "PROXY_CONFIG": str(config_path)}
+    env = {**get_clean_environment(), "PROXY_CONFIG": str(config_path)}
     with open(data_dir / "gunicorn.log", "w") as log:
         process = subprocess.Popen(
             [
@@ -165,10 +170,20 @@ def start_proxy(data_dir, upstream_url, port, controls=True):
     return process, f"http://127.0.0.1:{port}"
 
 
+def get_clean_environment():
+    """This environment without the proxy's settings.
+
+    They would win over the bench's config.json: a teacher's exported
+    OPENAI_API_KEY, DATA_DIR or OPENAI_BASE_URL would send benchmark traffic
+    to the real API or write it into the class's usage.sqlite.
+    """
+    return {name: value for name, value in os.environ.items() if name not in DEFAULTS}
+
+
 def start_floor_proxy(upstream_url, port, data_dir):
     """Start bench/floor_app.py as the proxy is started: the shipped gunicorn.conf.py."""
     env = {
-        **os.environ,
+        **get_clean_environment(),
         "FLOOR_UPSTREAM_URL": upstream_url,
         "FLOOR_UPSTREAM_KEY": UPSTREAM_KEY,
         "FLOOR_DATA_DIR": str(data_dir),
@@ -203,7 +218,7 @@ def wait_until_up(process, url, log_path):
     except OSError:
         last_lines = []
     raise click.ClickException(
-        "\n".join([f"{url} did not come up; the end of {log_path}:", *last_lines])
+        "\n".join([f"{url} did not come up; its log ended:", *last_lines])
     )
 
 

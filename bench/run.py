@@ -383,8 +383,12 @@ def run_w5(bench):
     keys_rows_before = count_rows(bench.usage_path)
     # Every case takes its turn in every round: a slow spell of a shared
     # machine then falls on all cases alike.
-    for _ in range(W5_ROUNDS):
-        for keys in sizes["w5_keys"]:
+    for number in range(W5_ROUNDS):
+        # Each round starts with another case: none is always the first
+        # after the twins' turn, nor always the last in a growing file.
+        key_counts = list(sizes["w5_keys"])
+        shift = number % len(key_counts)
+        for keys in key_counts[shift:] + key_counts[:shift]:
             write_keys(bench.data_dir, bench.students[:keys])
             rounds[keys].append(bench.run_chats(True, bench.keys(keys), count))
 

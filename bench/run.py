@@ -435,6 +435,7 @@ def summarize_w5_case(keys, rows, rounds):
             figures["cpu_ms_per_request"]["proxy"] for figures in rounds
         ],
         "failures": sum(figures["failures"] for figures in rounds),
+        "complete": all(figures["complete"] for figures in rounds),
     }
 
 
